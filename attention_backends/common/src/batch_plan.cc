@@ -1,0 +1,133 @@
+#include "kvplug/attention/batch_plan.h"
+
+#include <algorithm>
+
+#include "fmt/format.h"
+
+namespace kvplug::attn {
+namespace {
+absl::Status Bad(std::string msg) { return absl::InvalidArgumentError(std::move(msg)); }
+}  // namespace
+
+absl::Status BatchPlan::ValidateCapacity(const PlanCapacity& c) {
+  if (c.max_num_seqs <= 0 || c.max_num_tokens <= 0 || c.max_num_blocks <= 0)
+    return Bad(fmt::format("plan capacities must be > 0: max_num_seqs={} max_num_tokens={} max_num_blocks={}",
+                           c.max_num_seqs, c.max_num_tokens, c.max_num_blocks));
+  if (c.max_num_seqs > (1 << 24) || c.max_num_tokens > (1 << 28) || c.max_num_blocks > (1 << 28))
+    return Bad(fmt::format("plan capacities too large: max_num_seqs={} (<= 2^24) max_num_tokens={} (<= 2^28) "
+                           "max_num_blocks={} (<= 2^28)", c.max_num_seqs, c.max_num_tokens, c.max_num_blocks));
+  return absl::OkStatus();
+}
+
+BatchPlan::BatchPlan(const PlanCapacity& c)
+    : capacity_(c),
+      query_start_loc_(c.max_num_seqs + 1),
+      seq_lens_(c.max_num_seqs),
+      kv_indptr_(c.max_num_seqs + 1),
+      kv_indices_(c.max_num_blocks),
+      token_seq_(c.max_num_tokens),
+      slot_mapping_(c.max_num_tokens),
+      state_slots_(c.max_num_seqs) {}
+
+absl::Status BatchPlan::Update(const BatchInput& in) {
+  absl::Status s = Fill(in);
+  if (!s.ok()) {
+    num_seqs_ = 0;
+    num_tokens_ = 0;
+    kv_indptr_[0] = 0;
+  }
+  return s;
+}
+
+absl::Status BatchPlan::Fill(const BatchInput& in) {
+  num_seqs_ = 0;
+  const int32_t b_count = in.num_seqs;
+  if (b_count <= 0 || b_count > capacity_.max_num_seqs)
+    return absl::OutOfRangeError(
+        fmt::format("num_seqs={} must be in [1, {}] (the plan's max_num_seqs)", b_count, capacity_.max_num_seqs));
+  if (in.block_size <= 0 || in.block_size > 65536)
+    return Bad(fmt::format("block_size={} must be in [1, 65536]", in.block_size));
+  if (!in.query_start_loc) return Bad("query_start_loc is NULL");
+  if (!in.seq_lens) return Bad("seq_lens is NULL");
+  const bool dense = in.block_table != nullptr;
+  if (!dense && (!in.kv_indptr || !in.kv_indices))
+    return Bad("no block table: set block_table, or kv_indptr and kv_indices");
+  if (dense && in.block_table_stride <= 0)
+    return Bad(fmt::format("block_table_stride={} must be > 0", in.block_table_stride));
+  if (in.query_start_loc[0] != 0)
+    return Bad(fmt::format("query_start_loc[0]={} must be 0", in.query_start_loc[0]));
+
+  int64_t blocks = 0;
+  int32_t max_block = -1;
+  int32_t max_len = 0;
+  for (int32_t b = 0; b < b_count; ++b) {
+    const int32_t q0 = in.query_start_loc[b], q1 = in.query_start_loc[b + 1];
+    if (q1 < q0)
+      return Bad(fmt::format("query_start_loc must be non-decreasing: [{}]={} > [{}]={}", b, q0, b + 1, q1));
+    if (q1 > capacity_.max_num_tokens)
+      return absl::OutOfRangeError(fmt::format("query_start_loc[{}]={} exceeds the plan's max_num_tokens={}",
+                                               b + 1, q1, capacity_.max_num_tokens));
+    const int32_t len = in.seq_lens[b];
+    if (len < q1 - q0 || len < 0)
+      return Bad(fmt::format("seq_lens[{}]={} is shorter than its {} query tokens", b, len, q1 - q0));
+    const int64_t need = (static_cast<int64_t>(len) + in.block_size - 1) / in.block_size;
+    const int32_t* row;
+    if (dense) {
+      if (need > in.block_table_stride)
+        return Bad(fmt::format("seq_lens[{}]={} needs {} blocks of {} but block_table_stride={}", b, len, need,
+                               in.block_size, in.block_table_stride));
+      row = in.block_table + static_cast<int64_t>(b) * in.block_table_stride;
+    } else {
+      const int32_t i0 = in.kv_indptr[b], i1 = in.kv_indptr[b + 1];
+      if (b == 0 && i0 != 0) return Bad(fmt::format("kv_indptr[0]={} must be 0", i0));
+      if (i1 < i0 || i1 - i0 < need)
+        return Bad(fmt::format("kv_indptr[{}..{}]=({}, {}) gives {} blocks; seq_lens[{}]={} needs {}", b, b + 1,
+                               i0, i1, static_cast<int64_t>(i1) - i0, b, len, need));
+      row = in.kv_indices + i0;
+    }
+    if (blocks + need > capacity_.max_num_blocks)
+      return absl::OutOfRangeError(fmt::format("the batch references more than the plan's max_num_blocks={}",
+                                               capacity_.max_num_blocks));
+    for (int64_t j = 0; j < need; ++j) {
+      if (row[j] < 0)
+        return Bad(fmt::format("sequence {}: block {} has id {} < 0", b, j, row[j]));
+      max_block = std::max(max_block, row[j]);
+      kv_indices_[blocks + j] = row[j];
+    }
+    query_start_loc_[b] = q0;
+    seq_lens_[b] = len;
+    kv_indptr_[b] = static_cast<int32_t>(blocks);
+    for (int32_t t = q0; t < q1; ++t) token_seq_[t] = b;
+    blocks += need;
+    max_len = std::max(max_len, len);
+  }
+  const int32_t num_tokens = in.query_start_loc[b_count];
+  query_start_loc_[b_count] = num_tokens;
+  kv_indptr_[b_count] = static_cast<int32_t>(blocks);
+
+  has_slot_mapping_ = in.slot_mapping != nullptr;
+  if (has_slot_mapping_) {
+    for (int32_t t = 0; t < num_tokens; ++t) {
+      if (in.slot_mapping[t] < -1)
+        return Bad(fmt::format("slot_mapping[{}]={} must be >= -1", t, in.slot_mapping[t]));
+      slot_mapping_[t] = in.slot_mapping[t];
+    }
+  }
+  has_state_slots_ = in.state_slots != nullptr;
+  max_state_slot_ = -1;
+  if (has_state_slots_) {
+    for (int32_t b = 0; b < b_count; ++b) {
+      if (in.state_slots[b] < 0) return Bad(fmt::format("state_slots[{}]={} must be >= 0", b, in.state_slots[b]));
+      state_slots_[b] = in.state_slots[b];
+      max_state_slot_ = std::max(max_state_slot_, in.state_slots[b]);
+    }
+  }
+  block_size_ = in.block_size;
+  max_block_id_ = max_block;
+  max_seq_len_ = max_len;
+  num_tokens_ = num_tokens;
+  num_seqs_ = b_count;
+  return absl::OkStatus();
+}
+
+}  // namespace kvplug::attn

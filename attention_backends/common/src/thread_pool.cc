@@ -1,0 +1,81 @@
+#include "kvplug/attention/thread_pool.h"
+
+#include <algorithm>
+
+namespace kvplug::attn {
+
+ThreadPool::ThreadPool(int32_t num_threads) {
+  int32_t n = num_threads > 0 ? num_threads : static_cast<int32_t>(std::thread::hardware_concurrency());
+  n = std::clamp(n, 1, 256);
+  workers_.reserve(n - 1);
+  for (int32_t i = 1; i < n; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::RunChunks() {
+  for (;;) {
+    int64_t begin;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (next_ >= n_) return;
+      begin = next_;
+      next_ = std::min(n_, next_ + chunk_);
+    }
+    (*body_)(begin, std::min(n_, begin + chunk_));
+  }
+}
+
+void ThreadPool::WorkerLoop() {
+  uint64_t seen = 0;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      ++active_;
+    }
+    RunChunks();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      --active_;
+    }
+    done_.notify_one();
+  }
+}
+
+void ThreadPool::ParallelFor(int64_t n, int64_t grain, absl::FunctionRef<void(int64_t, int64_t)> body) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  if (workers_.empty() || n <= grain) {
+    body(0, n);
+    return;
+  }
+  std::lock_guard<std::mutex> run_lock(run_mutex_);
+  const int64_t threads = num_threads();
+  // A few chunks per thread balance uneven items (long and short sequences) without much locking.
+  const int64_t chunk = std::max(grain, (n + threads * 4 - 1) / (threads * 4));
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    body_ = &body;
+    n_ = n;
+    chunk_ = chunk;
+    next_ = 0;
+    ++generation_;
+  }
+  wake_.notify_all();
+  RunChunks();
+  std::unique_lock<std::mutex> lock(mutex_);
+  done_.wait(lock, [&] { return active_ == 0 && next_ >= n_; });
+  body_ = nullptr;
+}
+
+}  // namespace kvplug::attn

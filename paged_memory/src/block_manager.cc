@@ -1,0 +1,817 @@
+// Block manager: reference-counted device blocks, a hash-chained prefix cache with LRU eviction of
+// unreferenced cached blocks, copy-on-write after fork, swap plans and per-sequence state slots.
+//
+// Device block states (disjoint, they partition [0, num_device_blocks)):
+//   free         ref 0, no content; on `free_blocks` (a stack).
+//   cached-free  ref 0, published in the prefix cache; in the intrusive LRU list (oldest at head).
+//   used         ref > 0; may or may not be published.
+// A block is "published" iff prefix_map[block_hash[b]] == b. Only full blocks are published, and a
+// hash is published at most once (a duplicate block of an already published hash stays private).
+#include "kvplug/paged_memory/block_manager.h"
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "fmt/format.h"
+
+namespace kvplug::paged {
+namespace {
+
+enum class BlockState : uint8_t { kFree = 0, kCachedFree = 1, kUsed = 2 };
+
+constexpr int32_t kNil = -1;
+
+inline uint64_t Fmix64(uint64_t k) {
+  k ^= k >> 33;
+  k *= 0xff51afd7ed558ccdULL;
+  k ^= k >> 33;
+  k *= 0xc4ceb9fe1a85ec53ULL;
+  k ^= k >> 33;
+  return k;
+}
+
+inline uint64_t Rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+// Hash of one full block, chained from its parent's hash (hash_seed for the first block).
+uint64_t HashBlock(uint64_t parent, uint64_t extra_key, const int32_t* tokens, int32_t n) {
+  constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
+  constexpr uint64_t kC1 = 0x87c37b91114253d5ULL;
+  constexpr uint64_t kC2 = 0x4cf5ad432745937fULL;
+  uint64_t h = Fmix64(parent ^ kGolden);
+  h = Rotl64(h ^ Fmix64(extra_key + kC2), 27) * 5 + 0x52dce729;
+  int32_t i = 0;
+  for (; i + 1 < n; i += 2) {
+    const uint64_t w = static_cast<uint64_t>(static_cast<uint32_t>(tokens[i])) |
+                       (static_cast<uint64_t>(static_cast<uint32_t>(tokens[i + 1])) << 32);
+    h = Rotl64(h ^ Rotl64(w * kC1, 31) * kC2, 27) * 5 + 0x52dce729;
+  }
+  if (i < n) {
+    const uint64_t w = static_cast<uint32_t>(tokens[i]);
+    h = Rotl64(h ^ Rotl64(w * kC1, 31) * kC2, 27) * 5 + 0x52dce729;
+  }
+  h ^= static_cast<uint64_t>(n);
+  return Fmix64(h);
+}
+
+inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+struct BlockManager::Impl {
+  struct Seq {
+    std::vector<int32_t> blocks;   // device block table, or host blocks while swapped
+    std::vector<int32_t> tokens;   // token ids (only with prefix caching)
+    std::vector<uint64_t> hashes;  // chained hash of every full block (only with prefix caching)
+    int64_t num_tokens = 0;
+    uint64_t extra_key = 0;
+    int32_t state_slot = -1;
+    bool swapped = false;
+  };
+
+  BlockManagerOptions opts;
+  bool caching = false;
+
+  // Device blocks.
+  std::vector<int32_t> ref;
+  std::vector<BlockState> state;
+  std::vector<uint8_t> published;
+  std::vector<uint64_t> block_hash;
+  std::vector<int32_t> free_blocks;  // stack; back is taken first
+  std::vector<int32_t> lru_prev, lru_next;
+  int32_t lru_head = kNil, lru_tail = kNil, lru_size = 0;
+  absl::flat_hash_map<uint64_t, int32_t> prefix_map;
+
+  // Host blocks and state slots.
+  std::vector<int32_t> free_host_blocks;  // stack
+  std::vector<int32_t> free_state_slots;  // stack
+
+  absl::flat_hash_map<uint64_t, Seq> seqs;
+  int32_t num_swapped = 0;
+
+  int64_t prefix_queried_blocks = 0;
+  int64_t prefix_hit_blocks = 0;
+  int64_t num_evictions = 0;
+
+  explicit Impl(const BlockManagerOptions& o) : opts(o), caching(o.enable_prefix_caching) {
+    const int32_t n = o.num_device_blocks;
+    ref.assign(n, 0);
+    state.assign(n, BlockState::kFree);
+    published.assign(n, 0);
+    block_hash.assign(n, 0);
+    lru_prev.assign(n, kNil);
+    lru_next.assign(n, kNil);
+    free_blocks.reserve(n);
+    for (int32_t b = n - 1; b >= 0; --b) free_blocks.push_back(b);
+    free_host_blocks.reserve(o.num_host_blocks);
+    for (int32_t b = o.num_host_blocks - 1; b >= 0; --b) free_host_blocks.push_back(b);
+    free_state_slots.reserve(o.num_state_slots);
+    for (int32_t s = o.num_state_slots - 1; s >= 0; --s) free_state_slots.push_back(s);
+    if (caching) prefix_map.reserve(n);
+  }
+
+  int32_t bs() const { return opts.block_size; }
+  int32_t Available() const { return static_cast<int32_t>(free_blocks.size()) + lru_size; }
+  bool SlotAvailable() const { return opts.num_state_slots == 0 || !free_state_slots.empty(); }
+  int32_t WatermarkBlocks() const {
+    return static_cast<int32_t>(opts.watermark * opts.num_device_blocks);
+  }
+
+  // --- LRU list of cached-free blocks -------------------------------------------------------
+  void LruPushBack(int32_t b) {
+    lru_prev[b] = lru_tail;
+    lru_next[b] = kNil;
+    if (lru_tail != kNil) {
+      lru_next[lru_tail] = b;
+    } else {
+      lru_head = b;
+    }
+    lru_tail = b;
+    ++lru_size;
+  }
+  void LruRemove(int32_t b) {
+    const int32_t p = lru_prev[b], n = lru_next[b];
+    if (p != kNil) {
+      lru_next[p] = n;
+    } else {
+      lru_head = n;
+    }
+    if (n != kNil) {
+      lru_prev[n] = p;
+    } else {
+      lru_tail = p;
+    }
+    lru_prev[b] = lru_next[b] = kNil;
+    --lru_size;
+  }
+
+  // --- Block life cycle ------------------------------------------------------------------------
+  // A fresh block with ref 1. The caller has checked Available() > 0.
+  int32_t TakeFresh() {
+    int32_t b;
+    if (!free_blocks.empty()) {
+      b = free_blocks.back();
+      free_blocks.pop_back();
+    } else {
+      b = lru_head;
+      LruRemove(b);
+      prefix_map.erase(block_hash[b]);
+      published[b] = 0;
+      block_hash[b] = 0;
+      ++num_evictions;
+    }
+    state[b] = BlockState::kUsed;
+    ref[b] = 1;
+    return b;
+  }
+
+  // Takes one more reference on a block found in the prefix cache.
+  void Acquire(int32_t b) {
+    if (state[b] == BlockState::kCachedFree) {
+      LruRemove(b);
+      state[b] = BlockState::kUsed;
+    }
+    ++ref[b];
+  }
+
+  void Release(int32_t b) {
+    if (--ref[b] > 0) return;
+    if (published[b]) {
+      state[b] = BlockState::kCachedFree;
+      LruPushBack(b);
+    } else {
+      state[b] = BlockState::kFree;
+      free_blocks.push_back(b);
+    }
+  }
+
+  // Publishes full block `b` under `h` unless the hash is already cached (then b stays private).
+  void Publish(int32_t b, uint64_t h) {
+    auto [it, inserted] = prefix_map.try_emplace(h, b);
+    if (inserted) {
+      published[b] = 1;
+      block_hash[b] = h;
+    }
+  }
+
+  // Chained hashes of the full blocks of `tokens`.
+  void ComputeHashes(absl::Span<const int32_t> tokens, uint64_t extra_key,
+                     std::vector<uint64_t>& out) const {
+    const int64_t num_full = static_cast<int64_t>(tokens.size()) / bs();
+    out.clear();
+    out.reserve(num_full);
+    uint64_t parent = opts.hash_seed;
+    for (int64_t i = 0; i < num_full; ++i) {
+      parent = HashBlock(parent, extra_key, tokens.data() + i * bs(), bs());
+      out.push_back(parent);
+    }
+  }
+
+  // Prefix hits of a prompt whose full-block hashes are `hashes` (num_blocks blocks in all):
+  // leading hits, less the last one when every block of the prompt hits. `cached_free_hits`
+  // receives how many of them are currently cached-free (they leave the free pool when taken).
+  int64_t CountHits(const std::vector<uint64_t>& hashes, int64_t num_blocks,
+                    int64_t* cached_free_hits) const {
+    int64_t hits = 0;
+    *cached_free_hits = 0;
+    for (uint64_t h : hashes) {
+      auto it = prefix_map.find(h);
+      if (it == prefix_map.end()) break;
+      ++hits;
+    }
+    if (hits == num_blocks && hits > 0) --hits;
+    for (int64_t i = 0; i < hits; ++i) {
+      if (state[prefix_map.find(hashes[i])->second] == BlockState::kCachedFree) ++*cached_free_hits;
+    }
+    return hits;
+  }
+
+  int32_t TakeStateSlot() {
+    if (opts.num_state_slots == 0) return -1;
+    const int32_t s = free_state_slots.back();
+    free_state_slots.pop_back();
+    return s;
+  }
+  void ReleaseStateSlot(int32_t s) {
+    if (s >= 0) free_state_slots.push_back(s);
+  }
+
+  // --- Lookups -----------------------------------------------------------------------------------
+  absl::StatusOr<const Seq*> Find(uint64_t seq_id) const {
+    auto it = seqs.find(seq_id);
+    if (it == seqs.end()) {
+      return absl::NotFoundError(fmt::format("seq {}: unknown sequence id", seq_id));
+    }
+    return &it->second;
+  }
+  absl::StatusOr<const Seq*> FindResident(uint64_t seq_id) const {
+    auto it = seqs.find(seq_id);
+    if (it == seqs.end()) {
+      return absl::NotFoundError(fmt::format("seq {}: unknown sequence id", seq_id));
+    }
+    if (it->second.swapped) {
+      return absl::FailedPreconditionError(
+          fmt::format("seq {}: sequence is swapped out (swap it in first)", seq_id));
+    }
+    return &it->second;
+  }
+
+  // Fresh blocks an append of n tokens needs (including a copy-on-write block).
+  int64_t AppendNeed(const Seq& s, int64_t n) const {
+    const int64_t cur = s.num_tokens;
+    if (n > static_cast<int64_t>(opts.num_device_blocks) * bs()) {
+      return int64_t{opts.num_device_blocks} + 1;  // can never fit; avoids overflow below
+    }
+    int64_t need = CeilDiv(cur + n, bs()) - static_cast<int64_t>(s.blocks.size());
+    if (cur % bs() != 0 && ref[s.blocks.back()] > 1) ++need;  // copy on write
+    return need;
+  }
+
+  absl::Status CheckInvariants() const;
+};
+
+// ------------------------------------------------------------------------------------------------
+
+BlockManager::BlockManager(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+BlockManager::~BlockManager() = default;
+
+absl::StatusOr<std::unique_ptr<BlockManager>> BlockManager::Create(
+    const BlockManagerOptions& options) {
+  if (options.block_size < 1 || options.block_size > 65536) {
+    return absl::InvalidArgumentError(
+        fmt::format("block_size={} must be in [1, 65536]", options.block_size));
+  }
+  if (options.num_device_blocks <= 0) {
+    return absl::InvalidArgumentError(
+        fmt::format("num_device_blocks={} must be > 0", options.num_device_blocks));
+  }
+  if (options.num_host_blocks < 0) {
+    return absl::InvalidArgumentError(
+        fmt::format("num_host_blocks={} must be >= 0", options.num_host_blocks));
+  }
+  if (!std::isfinite(options.watermark) || options.watermark < 0.0 || options.watermark >= 1.0) {
+    return absl::InvalidArgumentError(
+        fmt::format("watermark={} must be finite and in [0, 1)", options.watermark));
+  }
+  if (options.num_state_slots < 0) {
+    return absl::InvalidArgumentError(
+        fmt::format("num_state_slots={} must be >= 0", options.num_state_slots));
+  }
+  return std::unique_ptr<BlockManager>(new BlockManager(std::make_unique<Impl>(options)));
+}
+
+const BlockManagerOptions& BlockManager::options() const { return impl_->opts; }
+
+AllocVerdict BlockManager::CanAllocate(absl::Span<const int32_t> token_ids, int64_t num_tokens,
+                                       uint64_t extra_key) const {
+  const Impl& m = *impl_;
+  // Invalid requests can never be allocated.
+  if (num_tokens < 1) return AllocVerdict::kNever;
+  if (!token_ids.empty() && static_cast<int64_t>(token_ids.size()) != num_tokens) {
+    return AllocVerdict::kNever;
+  }
+  const int64_t num_blocks = CeilDiv(num_tokens, m.bs());
+  const int64_t wm = m.WatermarkBlocks();
+  // Every block of a sequence is a distinct device block, whether it hits the prefix cache or not,
+  // so a prompt longer than the pool (less the watermark) never fits, whatever is cached.
+  if (num_blocks > static_cast<int64_t>(m.opts.num_device_blocks) - wm) return AllocVerdict::kNever;
+  if (!m.SlotAvailable()) return AllocVerdict::kLater;
+  int64_t hits = 0, cached_free_hits = 0;
+  if (m.caching && !token_ids.empty()) {
+    std::vector<uint64_t> hashes;
+    m.ComputeHashes(token_ids, extra_key, hashes);
+    hits = m.CountHits(hashes, num_blocks, &cached_free_hits);
+  }
+  // Blocks leaving the free + cached-free pool: the fresh ones and the cached-free hits.
+  const int64_t consumed = (num_blocks - hits) + cached_free_hits;
+  return m.Available() - consumed >= wm ? AllocVerdict::kOk : AllocVerdict::kLater;
+}
+
+absl::StatusOr<int64_t> BlockManager::Allocate(uint64_t seq_id, absl::Span<const int32_t> token_ids,
+                                               uint64_t extra_key) {
+  Impl& m = *impl_;
+  if (token_ids.empty()) {
+    return absl::InvalidArgumentError(
+        fmt::format("seq {}: token_ids must be non-empty (num_tokens=0 must be >= 1)", seq_id));
+  }
+  if (m.seqs.contains(seq_id)) {
+    return absl::AlreadyExistsError(fmt::format("seq {}: sequence id already in use", seq_id));
+  }
+  if (!m.SlotAvailable()) {
+    return absl::ResourceExhaustedError(fmt::format(
+        "seq {}: no free state slot (all {} in use)", seq_id, m.opts.num_state_slots));
+  }
+  const int64_t num_tokens = static_cast<int64_t>(token_ids.size());
+  const int64_t num_blocks = CeilDiv(num_tokens, m.bs());
+
+  Impl::Seq seq;
+  int64_t hits = 0, cached_free_hits = 0;
+  if (m.caching) {
+    m.ComputeHashes(token_ids, extra_key, seq.hashes);
+    hits = m.CountHits(seq.hashes, num_blocks, &cached_free_hits);
+  }
+  const int64_t fresh = num_blocks - hits;
+  const int64_t available = m.Available() - cached_free_hits;
+  if (fresh > available) {
+    return absl::ResourceExhaustedError(fmt::format(
+        "seq {}: {} tokens need {} new device blocks ({} prefix hits), only {} available", seq_id,
+        num_tokens, fresh, hits, available));
+  }
+
+  // Commit.
+  seq.blocks.reserve(num_blocks);
+  for (int64_t i = 0; i < hits; ++i) {
+    const int32_t b = m.prefix_map.find(seq.hashes[i])->second;
+    m.Acquire(b);
+    seq.blocks.push_back(b);
+  }
+  const int64_t num_full = num_tokens / m.bs();
+  for (int64_t i = hits; i < num_blocks; ++i) {
+    const int32_t b = m.TakeFresh();
+    seq.blocks.push_back(b);
+    if (m.caching && i < num_full) m.Publish(b, seq.hashes[i]);
+  }
+  if (m.caching) {
+    m.prefix_queried_blocks += num_full;
+    m.prefix_hit_blocks += hits;
+    seq.tokens.assign(token_ids.begin(), token_ids.end());
+  }
+  seq.num_tokens = num_tokens;
+  seq.extra_key = extra_key;
+  seq.state_slot = m.TakeStateSlot();
+  m.seqs.emplace(seq_id, std::move(seq));
+  return hits * m.bs();
+}
+
+absl::StatusOr<bool> BlockManager::CanAppend(uint64_t seq_id, int64_t num_tokens) const {
+  const Impl& m = *impl_;
+  if (num_tokens < 1) {
+    return absl::InvalidArgumentError(fmt::format("num_tokens={} must be >= 1", num_tokens));
+  }
+  auto s = m.FindResident(seq_id);
+  if (!s.ok()) return s.status();
+  return m.AppendNeed(**s, num_tokens) <= m.Available();
+}
+
+absl::StatusOr<std::optional<BlockCopy>> BlockManager::Append(uint64_t seq_id,
+                                                              absl::Span<const int32_t> token_ids,
+                                                              int64_t num_tokens) {
+  Impl& m = *impl_;
+  if (num_tokens < 1) {
+    return absl::InvalidArgumentError(fmt::format("num_tokens={} must be >= 1", num_tokens));
+  }
+  if (m.caching ? static_cast<int64_t>(token_ids.size()) != num_tokens
+                : !token_ids.empty() && static_cast<int64_t>(token_ids.size()) != num_tokens) {
+    return absl::InvalidArgumentError(fmt::format(
+        "seq {}: token_ids has {} ids but num_tokens={}{}", seq_id, token_ids.size(), num_tokens,
+        m.caching ? " (token ids are required with prefix caching)" : ""));
+  }
+  auto it = m.seqs.find(seq_id);
+  if (it == m.seqs.end()) {
+    return absl::NotFoundError(fmt::format("seq {}: unknown sequence id", seq_id));
+  }
+  Impl::Seq& s = it->second;
+  if (s.swapped) {
+    return absl::FailedPreconditionError(
+        fmt::format("seq {}: sequence is swapped out (swap it in first)", seq_id));
+  }
+  const int64_t need = m.AppendNeed(s, num_tokens);
+  if (need > m.Available()) {
+    return absl::ResourceExhaustedError(
+        fmt::format("seq {}: appending {} tokens needs {} device blocks, only {} available", seq_id,
+                    num_tokens, need, m.Available()));
+  }
+
+  const int32_t bs = m.bs();
+  const int64_t cur = s.num_tokens;
+  std::optional<BlockCopy> copy;
+  if (cur % bs != 0 && m.ref[s.blocks.back()] > 1) {
+    const int32_t old_block = s.blocks.back();
+    const int32_t new_block = m.TakeFresh();
+    m.Release(old_block);  // still referenced by the sharers
+    s.blocks.back() = new_block;
+    copy = BlockCopy{old_block, new_block};
+  }
+  const int64_t total = cur + num_tokens;
+  const int64_t new_num_blocks = CeilDiv(total, bs);
+  while (static_cast<int64_t>(s.blocks.size()) < new_num_blocks) s.blocks.push_back(m.TakeFresh());
+  s.num_tokens = total;
+
+  if (m.caching) {
+    s.tokens.insert(s.tokens.end(), token_ids.begin(), token_ids.end());
+    const int64_t new_full = total / bs;
+    for (int64_t i = cur / bs; i < new_full; ++i) {
+      const uint64_t parent = i == 0 ? m.opts.hash_seed : s.hashes[i - 1];
+      const uint64_t h = HashBlock(parent, s.extra_key, s.tokens.data() + i * bs, bs);
+      s.hashes.push_back(h);
+      m.Publish(s.blocks[i], h);
+    }
+  }
+  return copy;
+}
+
+absl::Status BlockManager::Fork(uint64_t parent_id, uint64_t child_id) {
+  Impl& m = *impl_;
+  auto p = m.FindResident(parent_id);
+  if (!p.ok()) return p.status();
+  if (m.seqs.contains(child_id)) {
+    return absl::AlreadyExistsError(fmt::format("seq {}: sequence id already in use", child_id));
+  }
+  if (!m.SlotAvailable()) {
+    return absl::ResourceExhaustedError(
+        fmt::format("seq {}: no free state slot for fork of seq {} (all {} in use)", child_id,
+                    parent_id, m.opts.num_state_slots));
+  }
+  Impl::Seq child = **p;  // copy before inserting (insertion may move the parent)
+  child.state_slot = m.TakeStateSlot();
+  for (int32_t b : child.blocks) ++m.ref[b];
+  m.seqs.emplace(child_id, std::move(child));
+  return absl::OkStatus();
+}
+
+absl::Status BlockManager::Free(uint64_t seq_id) {
+  Impl& m = *impl_;
+  auto it = m.seqs.find(seq_id);
+  if (it == m.seqs.end()) {
+    return absl::NotFoundError(fmt::format("seq {}: unknown sequence id", seq_id));
+  }
+  Impl::Seq& s = it->second;
+  if (s.swapped) {
+    for (int32_t h : s.blocks) m.free_host_blocks.push_back(h);
+    --m.num_swapped;
+  } else {
+    // Tail first: the last blocks of a sequence are the least likely to be shared, so with equal
+    // recency the LRU evicts them before the prefix they hang from.
+    for (auto b = s.blocks.rbegin(); b != s.blocks.rend(); ++b) m.Release(*b);
+  }
+  m.ReleaseStateSlot(s.state_slot);
+  m.seqs.erase(it);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> BlockManager::NumTokens(uint64_t seq_id) const {
+  auto s = impl_->Find(seq_id);
+  if (!s.ok()) return s.status();
+  return (*s)->num_tokens;
+}
+
+absl::StatusOr<absl::Span<const int32_t>> BlockManager::BlockTable(uint64_t seq_id) const {
+  auto s = impl_->FindResident(seq_id);
+  if (!s.ok()) return s.status();
+  return absl::Span<const int32_t>((*s)->blocks);
+}
+
+absl::Status BlockManager::SlotMapping(uint64_t seq_id, int64_t start, int64_t count,
+                                       absl::Span<int64_t> out_slots) const {
+  auto sp = impl_->FindResident(seq_id);
+  if (!sp.ok()) return sp.status();
+  const Impl::Seq& s = **sp;
+  if (start < 0 || count < 0 || start > s.num_tokens || count > s.num_tokens - start) {
+    return absl::OutOfRangeError(
+        fmt::format("seq {}: positions [start={}, start+count={}) out of range [0, {})", seq_id,
+                    start, start + count, s.num_tokens));
+  }
+  if (static_cast<int64_t>(out_slots.size()) < count) {
+    return absl::InvalidArgumentError(fmt::format(
+        "seq {}: out_slots has {} entries, count={} needed", seq_id, out_slots.size(), count));
+  }
+  const int64_t bs = impl_->bs();
+  int64_t pos = start;
+  for (int64_t i = 0; i < count; ++i, ++pos) {
+    out_slots[i] = static_cast<int64_t>(s.blocks[pos / bs]) * bs + pos % bs;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int32_t> BlockManager::StateSlot(uint64_t seq_id) const {
+  auto s = impl_->Find(seq_id);
+  if (!s.ok()) return s.status();
+  return (*s)->state_slot;
+}
+
+absl::StatusOr<bool> BlockManager::IsSwapped(uint64_t seq_id) const {
+  auto s = impl_->Find(seq_id);
+  if (!s.ok()) return s.status();
+  return (*s)->swapped;
+}
+
+absl::StatusOr<int32_t> BlockManager::NumBlocks(uint64_t seq_id) const {
+  auto s = impl_->Find(seq_id);
+  if (!s.ok()) return s.status();
+  return static_cast<int32_t>((*s)->blocks.size());
+}
+
+absl::StatusOr<std::vector<BlockCopy>> BlockManager::SwapOut(uint64_t seq_id) {
+  Impl& m = *impl_;
+  auto it = m.seqs.find(seq_id);
+  if (it == m.seqs.end()) {
+    return absl::NotFoundError(fmt::format("seq {}: unknown sequence id", seq_id));
+  }
+  Impl::Seq& s = it->second;
+  if (s.swapped) {
+    return absl::FailedPreconditionError(
+        fmt::format("seq {}: sequence is already swapped out", seq_id));
+  }
+  const size_t n = s.blocks.size();
+  if (n > m.free_host_blocks.size()) {
+    return absl::ResourceExhaustedError(
+        fmt::format("seq {}: swap out needs {} free host blocks, only {} available", seq_id, n,
+                    m.free_host_blocks.size()));
+  }
+  std::vector<BlockCopy> plan(n);
+  for (size_t i = 0; i < n; ++i) {
+    const int32_t host = m.free_host_blocks.back();
+    m.free_host_blocks.pop_back();
+    plan[i] = BlockCopy{s.blocks[i], host};
+    s.blocks[i] = host;
+  }
+  // Release tail first, as Free does.
+  for (size_t i = n; i-- > 0;) m.Release(plan[i].src);
+  s.swapped = true;
+  ++m.num_swapped;
+  return plan;
+}
+
+absl::StatusOr<std::vector<BlockCopy>> BlockManager::SwapIn(uint64_t seq_id) {
+  Impl& m = *impl_;
+  auto it = m.seqs.find(seq_id);
+  if (it == m.seqs.end()) {
+    return absl::NotFoundError(fmt::format("seq {}: unknown sequence id", seq_id));
+  }
+  Impl::Seq& s = it->second;
+  if (!s.swapped) {
+    return absl::FailedPreconditionError(
+        fmt::format("seq {}: sequence is resident, not swapped out", seq_id));
+  }
+  const size_t n = s.blocks.size();
+  if (static_cast<int64_t>(n) > m.Available()) {
+    return absl::ResourceExhaustedError(
+        fmt::format("seq {}: swap in needs {} free device blocks, only {} available", seq_id, n,
+                    m.Available()));
+  }
+  std::vector<BlockCopy> plan(n);
+  for (size_t i = 0; i < n; ++i) {
+    const int32_t dev = m.TakeFresh();
+    plan[i] = BlockCopy{s.blocks[i], dev};
+    m.free_host_blocks.push_back(s.blocks[i]);
+    s.blocks[i] = dev;
+  }
+  s.swapped = false;
+  --m.num_swapped;
+  return plan;
+}
+
+BlockManagerStats BlockManager::Stats() const {
+  const Impl& m = *impl_;
+  BlockManagerStats st;
+  st.num_device_blocks = m.opts.num_device_blocks;
+  st.num_free_blocks = static_cast<int32_t>(m.free_blocks.size());
+  st.num_cached_free_blocks = m.lru_size;
+  st.num_used_blocks = st.num_device_blocks - st.num_free_blocks - st.num_cached_free_blocks;
+  st.num_host_blocks = m.opts.num_host_blocks;
+  st.num_free_host_blocks = static_cast<int32_t>(m.free_host_blocks.size());
+  st.num_sequences = static_cast<int32_t>(m.seqs.size());
+  st.num_swapped_sequences = m.num_swapped;
+  st.prefix_queried_blocks = m.prefix_queried_blocks;
+  st.prefix_hit_blocks = m.prefix_hit_blocks;
+  st.num_evictions = m.num_evictions;
+  return st;
+}
+
+absl::Status BlockManager::CheckInvariants() const { return impl_->CheckInvariants(); }
+
+absl::Status BlockManager::Impl::CheckInvariants() const {
+  auto fail = [](std::string msg) { return absl::InternalError(std::move(msg)); };
+  const int32_t n = opts.num_device_blocks;
+  const int32_t nh = opts.num_host_blocks;
+
+  // Free list: in range, unique, state kFree, ref 0, unpublished.
+  std::vector<uint8_t> seen(n, 0);
+  for (int32_t b : free_blocks) {
+    if (b < 0 || b >= n) return fail(fmt::format("free list holds block {} outside [0, {})", b, n));
+    if (seen[b]) return fail(fmt::format("block {} is on the free list twice", b));
+    seen[b] = 1;
+    if (state[b] != BlockState::kFree) {
+      return fail(fmt::format("block {} is on the free list but in state {}", b,
+                              static_cast<int>(state[b])));
+    }
+    if (ref[b] != 0) return fail(fmt::format("free block {} has ref count {}", b, ref[b]));
+    if (published[b]) return fail(fmt::format("free block {} is published in the prefix cache", b));
+  }
+  // LRU list: consistent links, state kCachedFree, ref 0, published.
+  int32_t count = 0;
+  int32_t prev = kNil;
+  for (int32_t b = lru_head; b != kNil; prev = b, b = lru_next[b]) {
+    if (b < 0 || b >= n) return fail(fmt::format("LRU list holds block {} outside [0, {})", b, n));
+    if (seen[b]) {
+      return fail(fmt::format("block {} is on the LRU list twice or also on the free list", b));
+    }
+    seen[b] = 1;
+    if (lru_prev[b] != prev) {
+      return fail(fmt::format("LRU block {} has prev {} but follows {}", b, lru_prev[b], prev));
+    }
+    if (state[b] != BlockState::kCachedFree) {
+      return fail(fmt::format("block {} is on the LRU list but in state {}", b,
+                              static_cast<int>(state[b])));
+    }
+    if (ref[b] != 0) return fail(fmt::format("cached-free block {} has ref count {}", b, ref[b]));
+    if (!published[b]) return fail(fmt::format("cached-free block {} is not published", b));
+    if (++count > n) return fail("LRU list has a cycle");
+  }
+  if (prev != lru_tail) return fail(fmt::format("LRU tail is {} but the list ends at {}", lru_tail, prev));
+  if (count != lru_size) return fail(fmt::format("LRU list has {} blocks, lru_size={}", count, lru_size));
+  // Every block off both lists is used.
+  for (int32_t b = 0; b < n; ++b) {
+    if (seen[b]) continue;
+    if (state[b] != BlockState::kUsed) {
+      return fail(fmt::format("block {} is on no list but in state {}", b, static_cast<int>(state[b])));
+    }
+    if (ref[b] <= 0) return fail(fmt::format("used block {} has ref count {}", b, ref[b]));
+  }
+
+  // Ref counts equal table references of resident sequences; host blocks owned by one sequence.
+  std::vector<int32_t> refs(n, 0);
+  std::vector<uint64_t> host_owner(nh, 0);
+  std::vector<uint8_t> host_owned(nh, 0);
+  std::vector<uint8_t> slot_used(std::max(opts.num_state_slots, 0), 0);
+  std::vector<uint64_t> recomputed;
+  std::vector<int64_t> table_pos(n, -1);  // position of a block in the table being checked
+  std::vector<uint64_t> table_stamp(n, 0);
+  uint64_t stamp = 0;
+  int32_t swapped = 0;
+  for (const auto& [id, s] : seqs) {
+    if (s.num_tokens < 1) return fail(fmt::format("seq {}: num_tokens={} < 1", id, s.num_tokens));
+    if (static_cast<int64_t>(s.blocks.size()) != CeilDiv(s.num_tokens, bs())) {
+      return fail(fmt::format("seq {}: {} blocks for {} tokens (block_size {})", id, s.blocks.size(),
+                              s.num_tokens, bs()));
+    }
+    if (opts.num_state_slots > 0) {
+      if (s.state_slot < 0 || s.state_slot >= opts.num_state_slots) {
+        return fail(fmt::format("seq {}: state slot {} outside [0, {})", id, s.state_slot,
+                                opts.num_state_slots));
+      }
+      if (slot_used[s.state_slot]) {
+        return fail(fmt::format("seq {}: state slot {} held by two sequences", id, s.state_slot));
+      }
+      slot_used[s.state_slot] = 1;
+    } else if (s.state_slot != -1) {
+      return fail(fmt::format("seq {}: state slot {} without state slots", id, s.state_slot));
+    }
+    if (caching) {
+      if (static_cast<int64_t>(s.tokens.size()) != s.num_tokens) {
+        return fail(fmt::format("seq {}: {} token ids for num_tokens={}", id, s.tokens.size(),
+                                s.num_tokens));
+      }
+      ComputeHashes(s.tokens, s.extra_key, recomputed);
+      if (recomputed != s.hashes) {
+        return fail(fmt::format("seq {}: stored hash chain ({} hashes) differs from the one "
+                                "recomputed from its tokens ({} hashes)",
+                                id, s.hashes.size(), recomputed.size()));
+      }
+    } else if (!s.tokens.empty() || !s.hashes.empty()) {
+      return fail(fmt::format("seq {}: holds token ids without prefix caching", id));
+    }
+    if (s.swapped) {
+      ++swapped;
+      for (int32_t h : s.blocks) {
+        if (h < 0 || h >= nh) return fail(fmt::format("seq {}: host block {} outside [0, {})", id, h, nh));
+        if (host_owned[h]) {
+          return fail(fmt::format("host block {} owned by seq {} and seq {}", h, host_owner[h], id));
+        }
+        host_owned[h] = 1;
+        host_owner[h] = id;
+      }
+      continue;
+    }
+    const int64_t num_full = s.num_tokens / bs();
+    ++stamp;
+    for (size_t i = 0; i < s.blocks.size(); ++i) {
+      const int32_t b = s.blocks[i];
+      if (b < 0 || b >= n) return fail(fmt::format("seq {}: block {} outside [0, {})", id, b, n));
+      if (table_stamp[b] == stamp) {
+        return fail(fmt::format("seq {}: block {} at table positions {} and {}", id, b,
+                                table_pos[b], i));
+      }
+      table_stamp[b] = stamp;
+      table_pos[b] = static_cast<int64_t>(i);
+      ++refs[b];
+      if (published[b]) {
+        if (static_cast<int64_t>(i) >= num_full) {
+          return fail(fmt::format("seq {}: published block {} at position {} is not full ({} tokens)",
+                                  id, b, i, s.num_tokens));
+        }
+        if (block_hash[b] != s.hashes[i]) {
+          return fail(fmt::format("seq {}: block {} at position {} is cached under hash {:#x} but its "
+                                  "tokens hash to {:#x}",
+                                  id, b, i, block_hash[b], s.hashes[i]));
+        }
+      }
+    }
+  }
+  for (int32_t b = 0; b < n; ++b) {
+    if (refs[b] != ref[b]) {
+      return fail(fmt::format("block {}: ref count {} but {} table references", b, ref[b], refs[b]));
+    }
+  }
+  if (swapped != num_swapped) {
+    return fail(fmt::format("{} swapped sequences but num_swapped={}", swapped, num_swapped));
+  }
+  std::vector<uint8_t> host_free(nh, 0);
+  for (int32_t h : free_host_blocks) {
+    if (h < 0 || h >= nh) return fail(fmt::format("free host block {} outside [0, {})", h, nh));
+    if (host_free[h]) return fail(fmt::format("host block {} is on the free list twice", h));
+    if (host_owned[h]) {
+      return fail(fmt::format("host block {} is free but owned by seq {}", h, host_owner[h]));
+    }
+    host_free[h] = 1;
+  }
+  for (int32_t h = 0; h < nh; ++h) {
+    if (!host_free[h] && !host_owned[h]) return fail(fmt::format("host block {} is leaked", h));
+  }
+
+  // Prefix cache: map and block hashes agree both ways.
+  if (!caching && !prefix_map.empty()) {
+    return fail(fmt::format("prefix cache holds {} entries with prefix caching off", prefix_map.size()));
+  }
+  for (const auto& [h, b] : prefix_map) {
+    if (b < 0 || b >= n) return fail(fmt::format("hash {:#x} maps to block {} outside [0, {})", h, b, n));
+    if (!published[b] || block_hash[b] != h) {
+      return fail(fmt::format("hash {:#x} maps to block {} whose stored hash is {:#x} (published={})",
+                              h, b, block_hash[b], static_cast<int>(published[b])));
+    }
+  }
+  int32_t num_published = 0;
+  for (int32_t b = 0; b < n; ++b) {
+    if (!published[b]) continue;
+    ++num_published;
+    auto it = prefix_map.find(block_hash[b]);
+    if (it == prefix_map.end() || it->second != b) {
+      return fail(fmt::format("block {} is marked published under {:#x} but the cache maps it to {}",
+                              b, block_hash[b], it == prefix_map.end() ? -1 : it->second));
+    }
+  }
+  if (num_published != static_cast<int32_t>(prefix_map.size())) {
+    return fail(fmt::format("{} published blocks but {} cache entries", num_published,
+                            prefix_map.size()));
+  }
+
+  // State slots: free ones unique and disjoint from held ones, none lost.
+  if (opts.num_state_slots > 0) {
+    for (int32_t sl : free_state_slots) {
+      if (sl < 0 || sl >= opts.num_state_slots) {
+        return fail(fmt::format("free state slot {} outside [0, {})", sl, opts.num_state_slots));
+      }
+      if (slot_used[sl]) return fail(fmt::format("state slot {} is both free and held (or free twice)", sl));
+      slot_used[sl] = 1;
+    }
+    for (int32_t sl = 0; sl < opts.num_state_slots; ++sl) {
+      if (!slot_used[sl]) return fail(fmt::format("state slot {} is leaked", sl));
+    }
+  } else if (!free_state_slots.empty()) {
+    return fail("free state slots exist without state slots");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvplug::paged
