@@ -246,6 +246,14 @@ KVP_API kvp_status kvp_block_manager_append(kvp_block_manager* manager, uint64_t
   });
 }
 
+KVP_API kvp_status kvp_block_manager_mark_computed(kvp_block_manager* manager, uint64_t seq_id,
+                                                   int64_t num_computed_tokens) {
+  return Guard(__func__, [&] {
+    KVP_REQUIRE(manager, "manager is NULL");
+    return BmStatus(manager->manager->MarkComputed(seq_id, num_computed_tokens));
+  });
+}
+
 KVP_API kvp_status kvp_block_manager_fork(kvp_block_manager* manager, uint64_t parent_id, uint64_t child_id) {
   return Guard(__func__, [&] {
     KVP_REQUIRE(manager, "manager is NULL");

@@ -65,6 +65,7 @@ struct BlockManager::Impl {
     std::vector<int32_t> tokens;   // token ids (only with prefix caching)
     std::vector<uint64_t> hashes;  // chained hash of every full block (only with prefix caching)
     int64_t num_tokens = 0;
+    int64_t num_published = 0;     // leading full blocks already offered to the prefix cache
     uint64_t extra_key = 0;
     int32_t state_slot = -1;
     bool swapped = false;
@@ -367,11 +368,10 @@ absl::StatusOr<int64_t> BlockManager::Allocate(uint64_t seq_id, absl::Span<const
     seq.blocks.push_back(b);
   }
   const int64_t num_full = num_tokens / m.bs();
-  for (int64_t i = hits; i < num_blocks; ++i) {
-    const int32_t b = m.TakeFresh();
-    seq.blocks.push_back(b);
-    if (m.caching && i < num_full) m.Publish(b, seq.hashes[i]);
-  }
+  // Fresh blocks are published only once the caller reports their K/V computed (MarkComputed):
+  // with chunked prefill a full block may stay unwritten for several steps.
+  for (int64_t i = hits; i < num_blocks; ++i) seq.blocks.push_back(m.TakeFresh());
+  seq.num_published = hits;
   if (m.caching) {
     m.prefix_queried_blocks += num_full;
     m.prefix_hit_blocks += hits;
@@ -445,10 +445,31 @@ absl::StatusOr<std::optional<BlockCopy>> BlockManager::Append(uint64_t seq_id,
       const uint64_t parent = i == 0 ? m.opts.hash_seed : s.hashes[i - 1];
       const uint64_t h = HashBlock(parent, s.extra_key, s.tokens.data() + i * bs, bs);
       s.hashes.push_back(h);
-      m.Publish(s.blocks[i], h);
     }
   }
   return copy;
+}
+
+absl::Status BlockManager::MarkComputed(uint64_t seq_id, int64_t num_computed_tokens) {
+  Impl& m = *impl_;
+  auto it = m.seqs.find(seq_id);
+  if (it == m.seqs.end()) {
+    return absl::NotFoundError(fmt::format("seq {}: unknown sequence id", seq_id));
+  }
+  Impl::Seq& s = it->second;
+  if (s.swapped) {
+    return absl::FailedPreconditionError(
+        fmt::format("seq {}: sequence is swapped out (swap it in first)", seq_id));
+  }
+  if (num_computed_tokens < 0 || num_computed_tokens > s.num_tokens) {
+    return absl::OutOfRangeError(fmt::format("seq {}: num_computed_tokens={} out of range [0, {}]",
+                                             seq_id, num_computed_tokens, s.num_tokens));
+  }
+  if (!m.caching) return absl::OkStatus();
+  const int64_t full = num_computed_tokens / m.bs();
+  for (int64_t i = s.num_published; i < full; ++i) m.Publish(s.blocks[i], s.hashes[i]);
+  s.num_published = std::max(s.num_published, full);
+  return absl::OkStatus();
 }
 
 absl::Status BlockManager::Fork(uint64_t parent_id, uint64_t child_id) {
@@ -516,10 +537,17 @@ absl::Status BlockManager::SlotMapping(uint64_t seq_id, int64_t start, int64_t c
     return absl::InvalidArgumentError(fmt::format(
         "seq {}: out_slots has {} entries, count={} needed", seq_id, out_slots.size(), count));
   }
+  // out[i] = table[p / bs] * bs + p % bs for p = start + i, filled one block run at a time.
   const int64_t bs = impl_->bs();
+  const int64_t end = start + count;
+  int64_t* out = out_slots.data();
   int64_t pos = start;
-  for (int64_t i = 0; i < count; ++i, ++pos) {
-    out_slots[i] = static_cast<int64_t>(s.blocks[pos / bs]) * bs + pos % bs;
+  while (pos < end) {
+    const int64_t off = pos % bs;
+    const int64_t run = std::min(bs - off, end - pos);
+    const int64_t base = static_cast<int64_t>(s.blocks[pos / bs]) * bs + off;
+    for (int64_t j = 0; j < run; ++j) *out++ = base + j;
+    pos += run;
   }
   return absl::OkStatus();
 }
@@ -598,6 +626,7 @@ absl::StatusOr<std::vector<BlockCopy>> BlockManager::SwapIn(uint64_t seq_id) {
     s.blocks[i] = dev;
   }
   s.swapped = false;
+  s.num_published = 0;  // fresh device blocks: MarkComputed may publish them again
   --m.num_swapped;
   return plan;
 }

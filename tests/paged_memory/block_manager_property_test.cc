@@ -1,15 +1,16 @@
 // Randomized property test of kvplug::paged::BlockManager against a shadow model.
 //
-// A small pool (64 device blocks of 4 tokens, 32 host blocks) runs kNumOps random operations:
-// allocate (prompts drawn from a few shared prefixes, so prefix hits happen), append, fork, free,
-// swap out and swap in. The test simulates block CONTENTS: a fake device memory and host memory
-// hold one token id per slot. Tokens are written through SlotMapping when they are allocated or
-// appended (only those not served by the prefix cache), fresh blocks are poisoned first, copy-on-write
-// copies and swap plans are applied to the fake memories, and after every operation each resident
-// sequence's tokens are read back through its block table and must equal the model's token list.
-// That proves prefix hits, copy-on-write and swaps are content-correct. CheckInvariants() runs after
-// every operation, failing calls must leave Stats and block tables unchanged, and a kOk verdict of
-// CanAllocate must be followed by a successful Allocate.
+// A small pool (64 device blocks of 4 tokens, 32 host blocks; watermark 0 and 4 blocks) runs
+// kNumOps random operations per watermark: allocate (prompts drawn from a few shared prefixes, so
+// prefix hits happen), append, fork, free, swap out and swap in. The test simulates block CONTENTS:
+// a fake device memory and host memory hold one token id per slot. Tokens are written through
+// SlotMapping when they are allocated or appended (only those not served by the prefix cache),
+// fresh blocks are poisoned first, copy-on-write copies and swap plans are applied to the fake
+// memories, and after every operation each resident sequence's tokens are read back through its
+// block table and must equal the model's token list. That proves prefix hits, copy-on-write and
+// swaps are content-correct. CheckInvariants() runs after every operation, failing calls must leave
+// Stats and block tables unchanged, and a kOk verdict of CanAllocate must be followed by a
+// successful Allocate.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -24,13 +25,12 @@
 namespace kvplug::paged {
 namespace {
 
-constexpr int kNumOps = 200000;
+constexpr int kNumOps = 120000;  // per watermark
 constexpr uint64_t kSeed = 0x6b7670'6c7567ULL;
 constexpr int32_t kBlockSize = 4;
 constexpr int32_t kDeviceBlocks = 64;
 constexpr int32_t kHostBlocks = 32;
 constexpr int32_t kStateSlots = 24;
-constexpr double kWatermark = 0.0625;  // 4 blocks
 constexpr int32_t kPoison = -1000000;
 constexpr int32_t kVocab = 40;
 
@@ -44,12 +44,14 @@ bool SameStats(const BlockManagerStats& a, const BlockManagerStats& b) {
          a.prefix_hit_blocks == b.prefix_hit_blocks && a.num_evictions == b.num_evictions;
 }
 
-class BlockManagerProperty : public ::testing::Test {
+// Parameter: the watermark (0 makes "CanAllocate kOk implies Allocate succeeds" tight).
+class BlockManagerProperty : public ::testing::TestWithParam<double> {
  protected:
   struct SeqModel {
     std::vector<int32_t> tokens;
     uint64_t extra_key = 0;
     bool swapped = false;
+    int64_t computed = 0;  // tokens whose K/V the "engine" has written (chunked prefill lags)
   };
 
   void SetUp() override {
@@ -58,9 +60,10 @@ class BlockManagerProperty : public ::testing::Test {
     o.num_device_blocks = kDeviceBlocks;
     o.num_host_blocks = kHostBlocks;
     o.enable_prefix_caching = true;
-    o.watermark = kWatermark;
+    o.watermark = GetParam();
     o.num_state_slots = kStateSlots;
     o.hash_seed = 0xfeedULL;
+    rng_.seed(kSeed + static_cast<uint64_t>(GetParam() * 1e6));  // each watermark its own run
     auto m = BlockManager::Create(o);
     ASSERT_TRUE(m.ok()) << m.status();
     bm_ = std::move(*m);
@@ -155,7 +158,7 @@ class BlockManagerProperty : public ::testing::Test {
       const auto table = Table(id);
       slots.resize(n);
       ASSERT_TRUE(bm_->SlotMapping(id, 0, n, absl::MakeSpan(slots)).ok());
-      for (int64_t p = 0; p < n; ++p) {
+      for (int64_t p = 0; p < m.computed; ++p) {
         const int32_t b = table[p / kBlockSize];
         ASSERT_EQ(slots[p], int64_t{b} * kBlockSize + p % kBlockSize);
         ASSERT_EQ(dev_mem_[b][p % kBlockSize], m.tokens[p])
@@ -174,11 +177,13 @@ class BlockManagerProperty : public ::testing::Test {
     const AllocVerdict verdict = bm_->CanAllocate(prompt, n, key);
     const int64_t num_blocks = (n + kBlockSize - 1) / kBlockSize;
     if (verdict == AllocVerdict::kNever) {
-      ASSERT_GT(num_blocks, kDeviceBlocks - static_cast<int32_t>(kWatermark * kDeviceBlocks));
+      ASSERT_GT(num_blocks, kDeviceBlocks - static_cast<int32_t>(GetParam() * kDeviceBlocks));
     }
     // The no-credit verdict can only be more pessimistic.
     const AllocVerdict plain = bm_->CanAllocate({}, n, key);
-    if (plain == AllocVerdict::kOk) ASSERT_EQ(verdict, AllocVerdict::kOk);
+    if (plain == AllocVerdict::kOk) {
+      ASSERT_EQ(verdict, AllocVerdict::kOk);
+    }
 
     const BlockManagerStats before = bm_->Stats();
     auto r = bm_->Allocate(id, prompt, key);
@@ -201,9 +206,13 @@ class BlockManagerProperty : public ::testing::Test {
     const auto table = Table(id);
     ASSERT_EQ(static_cast<int64_t>(table.size()), num_blocks);
     for (int64_t i = cached / kBlockSize; i < num_blocks; ++i) Poison(table[i]);
+    // Chunked prefill: now and then only part of the prompt is computed in this step. Blocks not
+    // yet written must not be served to other sequences as prefix hits (Verify would read poison).
+    const int64_t computed = Chance(0.3) ? Uniform(static_cast<int32_t>(cached), static_cast<int32_t>(n) - 1) : n;
     ASSERT_NO_FATAL_FAILURE(
-        Write(id, cached, std::vector<int32_t>(prompt.begin() + cached, prompt.end())));
-    live_[id] = SeqModel{prompt, key, false};
+        Write(id, cached, std::vector<int32_t>(prompt.begin() + cached, prompt.begin() + computed)));
+    ASSERT_TRUE(bm_->MarkComputed(id, computed).ok());
+    live_[id] = SeqModel{prompt, key, false, computed};
 
     // Now and then: a duplicate id changes nothing.
     if (Chance(0.05)) {
@@ -217,6 +226,17 @@ class BlockManagerProperty : public ::testing::Test {
     auto id = Pick();
     if (!id) return;
     SeqModel& m = live_[*id];
+    if (!m.swapped && m.computed < static_cast<int64_t>(m.tokens.size())) {
+      // The rest of a chunked prefill.
+      const int64_t n = static_cast<int64_t>(m.tokens.size());
+      ASSERT_NO_FATAL_FAILURE(
+          Write(*id, m.computed, std::vector<int32_t>(m.tokens.begin() + m.computed, m.tokens.end())));
+      ASSERT_TRUE(bm_->MarkComputed(*id, n).ok());
+      ASSERT_EQ(bm_->MarkComputed(*id, n + 1).code(), absl::StatusCode::kOutOfRange);
+      m.computed = n;
+      ++chunked_prefills_;
+      return;
+    }
     const int k = Chance(0.7) ? 1 : Uniform(2, 7);
     const auto tokens = RandomTokens(k);
     if (m.swapped) {
@@ -253,11 +273,15 @@ class BlockManagerProperty : public ::testing::Test {
     const int64_t start = static_cast<int64_t>(m.tokens.size());
     ASSERT_NO_FATAL_FAILURE(Write(*id, start, tokens));
     m.tokens.insert(m.tokens.end(), tokens.begin(), tokens.end());
+    m.computed = static_cast<int64_t>(m.tokens.size());
+    ASSERT_TRUE(bm_->MarkComputed(*id, m.computed).ok());
   }
 
   void DoFork() {
     auto parent = Pick();
     if (!parent) return;
+    // Engines fork after the prompt is computed (parallel sampling), not in the middle of it.
+    if (live_[*parent].computed < static_cast<int64_t>(live_[*parent].tokens.size())) return;
     const uint64_t child = next_id_++;
     const BlockManagerStats before = bm_->Stats();
     auto st = bm_->Fork(*parent, child);
@@ -344,6 +368,8 @@ class BlockManagerProperty : public ::testing::Test {
     }
     live_[*id].swapped = false;
     ++swap_ins_;
+    // Swapped-in blocks are fresh: republishing them is allowed and must keep contents right.
+    if (Chance(0.5)) ASSERT_TRUE(bm_->MarkComputed(*id, live_[*id].computed).ok());
   }
 
   std::mt19937_64 rng_{kSeed};
@@ -355,10 +381,10 @@ class BlockManagerProperty : public ::testing::Test {
 
   int64_t ok_verdicts_checked_ = 0, failed_allocs_ = 0, allocs_with_hits_ = 0;
   int64_t failed_appends_ = 0, cow_copies_ = 0, forks_ = 0, slot_exhaustions_ = 0;
-  int64_t swap_outs_ = 0, swap_ins_ = 0, failed_swaps_ = 0;
+  int64_t chunked_prefills_ = 0, swap_outs_ = 0, swap_ins_ = 0, failed_swaps_ = 0;
 };
 
-TEST_F(BlockManagerProperty, RandomOperationsKeepContentsAndInvariants) {
+TEST_P(BlockManagerProperty, RandomOperationsKeepContentsAndInvariants) {
   const auto t0 = std::chrono::steady_clock::now();
   for (int op = 0; op < kNumOps; ++op) {
     const int live = static_cast<int>(live_.size());
@@ -380,10 +406,10 @@ TEST_F(BlockManagerProperty, RandomOperationsKeepContentsAndInvariants) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const BlockManagerStats s = bm_->Stats();
   std::printf(
-      "%d ops in %.2f s: prefix queried %lld hit %lld (%lld allocs with hits), evictions %lld, "
+      "watermark %.4f: %d ops in %.2f s: prefix queried %lld hit %lld (%lld allocs with hits), evictions %lld, "
       "copy-on-write %lld, forks %lld, swap out %lld in %lld (failed %lld), failed allocs %lld, "
       "failed appends %lld, kOk verdicts checked %lld, slot exhaustions %lld\n",
-      kNumOps, secs, static_cast<long long>(s.prefix_queried_blocks),
+      GetParam(), kNumOps, secs, static_cast<long long>(s.prefix_queried_blocks),
       static_cast<long long>(s.prefix_hit_blocks), static_cast<long long>(allocs_with_hits_),
       static_cast<long long>(s.num_evictions), static_cast<long long>(cow_copies_),
       static_cast<long long>(forks_), static_cast<long long>(swap_outs_),
@@ -397,6 +423,7 @@ TEST_F(BlockManagerProperty, RandomOperationsKeepContentsAndInvariants) {
   EXPECT_GT(forks_, 0);
   EXPECT_GT(swap_outs_, 0);
   EXPECT_GT(swap_ins_, 0);
+  EXPECT_GT(chunked_prefills_, 0);
   EXPECT_GT(failed_allocs_, 0);
   EXPECT_GT(failed_appends_, 0);
   EXPECT_GT(ok_verdicts_checked_, 0);
@@ -413,6 +440,8 @@ TEST_F(BlockManagerProperty, RandomOperationsKeepContentsAndInvariants) {
   EXPECT_EQ(e.num_sequences, 0);
   EXPECT_EQ(e.num_swapped_sequences, 0);
 }
+
+INSTANTIATE_TEST_SUITE_P(Watermarks, BlockManagerProperty, ::testing::Values(0.0, 0.0625));
 
 }  // namespace
 }  // namespace kvplug::paged

@@ -52,6 +52,22 @@ std::vector<int32_t> Cat(std::vector<int32_t> a, const std::vector<int32_t>& b) 
   return a;
 }
 
+// Most tests model an engine that computes what it allocates or appends in the same step: these
+// wrappers report the tokens computed right away, which is when full blocks reach the prefix cache.
+absl::StatusOr<int64_t> AllocateComputed(BlockManager& m, uint64_t id, absl::Span<const int32_t> tokens,
+                                         uint64_t key) {
+  auto r = m.Allocate(id, tokens, key);
+  if (r.ok()) EXPECT_TRUE(m.MarkComputed(id, static_cast<int64_t>(tokens.size())).ok());
+  return r;
+}
+
+absl::StatusOr<std::optional<BlockCopy>> AppendComputed(BlockManager& m, uint64_t id,
+                                                        absl::Span<const int32_t> tokens, int64_t n) {
+  auto r = m.Append(id, tokens, n);
+  if (r.ok()) EXPECT_TRUE(m.MarkComputed(id, *m.NumTokens(id)).ok());
+  return r;
+}
+
 std::vector<int32_t> Table(const BlockManager& m, uint64_t id) {
   auto t = m.BlockTable(id);
   EXPECT_TRUE(t.ok()) << t.status();
@@ -176,7 +192,7 @@ TEST(BlockManagerErrors, UnknownSequenceIdEverywhere) {
     EXPECT_CONTAINS(s.message(), "seq 42: unknown sequence id");
   };
   expect_nf(m->CanAppend(42, 1).status());
-  expect_nf(m->Append(42, one, 1).status());
+  expect_nf(AppendComputed(*m, 42, one, 1).status());
   expect_nf(m->Fork(42, 43));
   expect_nf(m->Free(42));
   expect_nf(m->NumTokens(42).status());
@@ -195,7 +211,7 @@ TEST(BlockManagerErrors, UnknownSequenceIdEverywhere) {
 
 TEST(BlockManagerAllocate, BasicWithoutCaching) {
   auto m = Make(Opts(4, 8));
-  auto c = m->Allocate(1, Tok(0, 10), 0);
+  auto c = AllocateComputed(*m, 1, Tok(0, 10), 0);
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(*c, 0);
   EXPECT_EQ(Table(*m, 1), (I32s{0, 1, 2}));
@@ -209,14 +225,14 @@ TEST(BlockManagerAllocate, BasicWithoutCaching) {
   EXPECT_EQ(s.num_sequences, 1);
   EXPECT_EQ(s.prefix_queried_blocks, 0);
   // Same prompt again: no caching, no sharing.
-  ASSERT_TRUE(m->Allocate(2, Tok(0, 10), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 2, Tok(0, 10), 0).ok());
   EXPECT_EQ(Table(*m, 2), (I32s{3, 4, 5}));
   EXPECT_INVARIANTS(*m);
 }
 
 TEST(BlockManagerAllocate, EmptyPromptIsInvalid) {
   auto m = Make(Opts(4, 8));
-  auto c = m->Allocate(5, {}, 0);
+  auto c = AllocateComputed(*m, 5, {}, 0);
   EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_CONTAINS(c.status().message(), "seq 5");
   EXPECT_EQ(m->Stats().num_sequences, 0);
@@ -224,9 +240,9 @@ TEST(BlockManagerAllocate, EmptyPromptIsInvalid) {
 
 TEST(BlockManagerAllocate, DuplicateIdLeavesStateUnchanged) {
   auto m = Make(Opts(4, 8, 0, true));
-  ASSERT_TRUE(m->Allocate(7, Tok(0, 6), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 7, Tok(0, 6), 0).ok());
   const Snapshot before = Snap(*m, {7});
-  auto c = m->Allocate(7, Tok(100, 3), 0);
+  auto c = AllocateComputed(*m, 7, Tok(100, 3), 0);
   EXPECT_EQ(c.status().code(), absl::StatusCode::kAlreadyExists);
   EXPECT_CONTAINS(c.status().message(), "seq 7");
   ExpectSame(before, Snap(*m, {7}));
@@ -235,24 +251,24 @@ TEST(BlockManagerAllocate, DuplicateIdLeavesStateUnchanged) {
 
 TEST(BlockManagerAllocate, ExhaustionLeavesStateUnchanged) {
   auto m = Make(Opts(4, 4, 0, true));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 8), 0).ok());  // 2 blocks, both published
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 8), 0).ok());  // 2 blocks, both published
   ASSERT_TRUE(m->Free(1).ok());                    // now cached-free
-  ASSERT_TRUE(m->Allocate(2, Tok(50, 4), 0).ok()); // 1 block from the free list
+  ASSERT_TRUE(AllocateComputed(*m, 2, Tok(50, 4), 0).ok()); // 1 block from the free list
   const Snapshot before = Snap(*m, {2});
   // 5 blocks needed, 3 available (1 free + 2 cached-free).
-  auto c = m->Allocate(3, Tok(100, 17), 0);
+  auto c = AllocateComputed(*m, 3, Tok(100, 17), 0);
   EXPECT_EQ(c.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_CONTAINS(c.status().message(), "seq 3");
   EXPECT_CONTAINS(c.status().message(), "only 3 available");
   ExpectSame(before, Snap(*m, {2}));
   EXPECT_EQ(m->NumTokens(3).status().code(), absl::StatusCode::kNotFound);
   // A prompt hitting the cached blocks: 2 hits + 3 fresh > 3 - 2 (the hits leave the pool).
-  auto d = m->Allocate(4, Cat(Tok(0, 8), Tok(200, 9)), 0);
+  auto d = AllocateComputed(*m, 4, Cat(Tok(0, 8), Tok(200, 9)), 0);
   EXPECT_EQ(d.status().code(), absl::StatusCode::kResourceExhausted);
   ExpectSame(before, Snap(*m, {2}));
   EXPECT_INVARIANTS(*m);
   // The exact fit succeeds: 2 hits + 1 fresh.
-  auto e = m->Allocate(4, Cat(Tok(0, 8), Tok(200, 1)), 0);
+  auto e = AllocateComputed(*m, 4, Cat(Tok(0, 8), Tok(200, 1)), 0);
   ASSERT_TRUE(e.ok()) << e.status();
   EXPECT_EQ(*e, 8);
   EXPECT_EQ(m->Stats().num_free_blocks + m->Stats().num_cached_free_blocks, 0);
@@ -261,9 +277,9 @@ TEST(BlockManagerAllocate, ExhaustionLeavesStateUnchanged) {
 
 TEST(BlockManagerAllocate, ExactFitUsesEveryBlock) {
   auto m = Make(Opts(2, 3));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 6), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 6), 0).ok());
   EXPECT_EQ(m->Stats().num_used_blocks, 3);
-  EXPECT_EQ(m->Allocate(2, Tok(0, 1), 0).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(AllocateComputed(*m, 2, Tok(0, 1), 0).status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_INVARIANTS(*m);
 }
 
@@ -273,10 +289,10 @@ TEST(BlockManagerAllocate, ExactFitUsesEveryBlock) {
 TEST(BlockManagerPrefix, HitAcrossSequencesWithSameExtraKey) {
   auto m = Make(Opts(4, 16, 0, true));
   const auto prefix = Tok(10, 8);
-  auto a = m->Allocate(1, Cat(prefix, Tok(100, 2)), 9);
+  auto a = AllocateComputed(*m, 1, Cat(prefix, Tok(100, 2)), 9);
   ASSERT_TRUE(a.ok());
   EXPECT_EQ(*a, 0);
-  auto b = m->Allocate(2, Cat(prefix, Tok(200, 7)), 9);
+  auto b = AllocateComputed(*m, 2, Cat(prefix, Tok(200, 7)), 9);
   ASSERT_TRUE(b.ok());
   EXPECT_EQ(*b, 8);
   auto ta = Table(*m, 1), tb = Table(*m, 2);
@@ -293,22 +309,22 @@ TEST(BlockManagerPrefix, HitAcrossSequencesWithSameExtraKey) {
 
 TEST(BlockManagerPrefix, DifferentExtraKeyOrSeedMisses) {
   auto m = Make(Opts(4, 16, 0, true));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 9), 1).ok());
-  auto b = m->Allocate(2, Tok(0, 9), 2);
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 9), 1).ok());
+  auto b = AllocateComputed(*m, 2, Tok(0, 9), 2);
   ASSERT_TRUE(b.ok());
   EXPECT_EQ(*b, 0);
   auto ta = Table(*m, 1), tb = Table(*m, 2);
   for (int i = 0; i < 3; ++i) EXPECT_NE(ta[i], tb[i]);
   EXPECT_EQ(m->Stats().prefix_hit_blocks, 0);
-  EXPECT_EQ(*m->Allocate(3, Tok(0, 9), 1), 8);
+  EXPECT_EQ(*AllocateComputed(*m, 3, Tok(0, 9), 1), 8);
   EXPECT_INVARIANTS(*m);
 }
 
 TEST(BlockManagerPrefix, ChainStopsAtFirstMiss) {
   auto m = Make(Opts(4, 16, 0, true));
-  ASSERT_TRUE(m->Allocate(1, Cat(Tok(0, 4), Tok(50, 5)), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Cat(Tok(0, 4), Tok(50, 5)), 0).ok());
   // Block 1 has the same tokens as seq 1's block 1 but a different parent: no hit.
-  auto b = m->Allocate(2, Cat(Tok(1000, 4), Tok(50, 5)), 0);
+  auto b = AllocateComputed(*m, 2, Cat(Tok(1000, 4), Tok(50, 5)), 0);
   ASSERT_TRUE(b.ok());
   EXPECT_EQ(*b, 0);
   EXPECT_EQ(m->Stats().prefix_hit_blocks, 0);
@@ -318,8 +334,8 @@ TEST(BlockManagerPrefix, ChainStopsAtFirstMiss) {
 
 TEST(BlockManagerPrefix, FullHitBacksOffOneBlock) {
   auto m = Make(Opts(4, 16, 0, true));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 8), 0).ok());
-  auto b = m->Allocate(2, Tok(0, 8), 0);
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 8), 0).ok());
+  auto b = AllocateComputed(*m, 2, Tok(0, 8), 0);
   ASSERT_TRUE(b.ok());
   EXPECT_EQ(*b, 4);  // < num_tokens: the last block is computed again
   auto ta = Table(*m, 1), tb = Table(*m, 2);
@@ -335,7 +351,7 @@ TEST(BlockManagerPrefix, FullHitBacksOffOneBlock) {
   EXPECT_EQ(m->Stats().num_cached_free_blocks, 2);  // ta[0], ta[1]
   EXPECT_EQ(m->Stats().num_free_blocks, 14);
   // Single-block prompt that hits: still computed.
-  auto c = m->Allocate(3, Tok(0, 4), 0);
+  auto c = AllocateComputed(*m, 3, Tok(0, 4), 0);
   ASSERT_TRUE(c.ok());
   EXPECT_EQ(*c, 0);
   EXPECT_INVARIANTS(*m);
@@ -343,14 +359,14 @@ TEST(BlockManagerPrefix, FullHitBacksOffOneBlock) {
 
 TEST(BlockManagerPrefix, CachedFreeBlocksAreReusedAfterFree) {
   auto m = Make(Opts(4, 8, 0, true));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 10), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 10), 0).ok());
   const auto ta = Table(*m, 1);
   ASSERT_TRUE(m->Free(1).ok());
   auto s = m->Stats();
   EXPECT_EQ(s.num_cached_free_blocks, 2);  // the two full blocks
   EXPECT_EQ(s.num_free_blocks, 6);         // the partial block went to the free list
   EXPECT_EQ(s.num_used_blocks, 0);
-  auto c = m->Allocate(2, Tok(0, 12), 0);
+  auto c = AllocateComputed(*m, 2, Tok(0, 12), 0);
   ASSERT_TRUE(c.ok());
   EXPECT_EQ(*c, 8);
   auto tb = Table(*m, 2);
@@ -363,18 +379,18 @@ TEST(BlockManagerPrefix, CachedFreeBlocksAreReusedAfterFree) {
 
 TEST(BlockManagerPrefix, DisabledCachingNeverShares) {
   auto m = Make(Opts(4, 8, 0, false));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 8), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 8), 0).ok());
   ASSERT_TRUE(m->Free(1).ok());
   EXPECT_EQ(m->Stats().num_cached_free_blocks, 0);
-  EXPECT_EQ(*m->Allocate(2, Tok(0, 9), 0), 0);
+  EXPECT_EQ(*AllocateComputed(*m, 2, Tok(0, 9), 0), 0);
   EXPECT_EQ(m->Stats().prefix_queried_blocks, 0);
   EXPECT_INVARIANTS(*m);
 }
 
 TEST(BlockManagerPrefix, LruEvictsLeastRecentlyFreedTailFirst) {
   auto m = Make(Opts(2, 4, 0, true));
-  ASSERT_TRUE(m->Allocate(1, {1, 2, 3, 4}, 0).ok());
-  ASSERT_TRUE(m->Allocate(2, {5, 6, 7, 8}, 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, {1, 2, 3, 4}, 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 2, {5, 6, 7, 8}, 0).ok());
   EXPECT_EQ(Table(*m, 1), (I32s{0, 1}));
   EXPECT_EQ(Table(*m, 2), (I32s{2, 3}));
   ASSERT_TRUE(m->Free(1).ok());  // LRU: 1, 0 (tail block first)
@@ -382,12 +398,12 @@ TEST(BlockManagerPrefix, LruEvictsLeastRecentlyFreedTailFirst) {
   EXPECT_EQ(m->Stats().num_cached_free_blocks, 4);
   EXPECT_EQ(m->Stats().num_free_blocks, 0);
   // One fresh block: the least recently freed (block 1, seq 1's tail) is evicted.
-  ASSERT_TRUE(m->Allocate(3, {9}, 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 3, {9}, 0).ok());
   EXPECT_EQ(Table(*m, 3), (I32s{1}));
   EXPECT_EQ(m->Stats().num_evictions, 1);
   // Seq 1's first block still hits; its second was evicted. The hit leaves the LRU, then two fresh
   // blocks evict 3 and 2 in that order.
-  auto c = m->Allocate(4, {1, 2, 3, 4, 9}, 0);
+  auto c = AllocateComputed(*m, 4, {1, 2, 3, 4, 9}, 0);
   ASSERT_TRUE(c.ok());
   EXPECT_EQ(*c, 2);
   EXPECT_EQ(Table(*m, 4), (I32s{0, 3, 2}));
@@ -395,25 +411,30 @@ TEST(BlockManagerPrefix, LruEvictsLeastRecentlyFreedTailFirst) {
   EXPECT_EQ(m->Stats().num_cached_free_blocks, 0);
   // Block 3 now holds {3, 4} of seq 4 and is published under seq 4's chain.
   ASSERT_TRUE(m->Free(3).ok());
-  EXPECT_EQ(*m->Allocate(5, {1, 2, 3, 4, 7}, 0), 4);
+  EXPECT_EQ(*AllocateComputed(*m, 5, {1, 2, 3, 4, 7}, 0), 4);
   EXPECT_EQ(Table(*m, 5), (I32s{0, 3, 1}));
   EXPECT_INVARIANTS(*m);
 }
 
 TEST(BlockManagerPrefix, HitMovesBlockOutOfLruAndBackToTailOnRelease) {
   auto m = Make(Opts(2, 3, 0, true));
-  ASSERT_TRUE(m->Allocate(1, {1, 2}, 0).ok());  // block 0
-  ASSERT_TRUE(m->Allocate(2, {3, 4}, 0).ok());  // block 1
+  ASSERT_TRUE(AllocateComputed(*m, 1, {1, 2}, 0).ok());  // block 0
+  ASSERT_TRUE(AllocateComputed(*m, 2, {3, 4}, 0).ok());  // block 1
   ASSERT_TRUE(m->Free(1).ok());                 // LRU: 0
   ASSERT_TRUE(m->Free(2).ok());                 // LRU: 0, 1
-  ASSERT_TRUE(m->Allocate(3, {1, 2, 5}, 0).ok());  // hits 0; fresh block 2 from the free list
+  ASSERT_TRUE(AllocateComputed(*m, 3, {1, 2, 5}, 0).ok());  // hits 0; fresh block 2 from the free list
   EXPECT_EQ(Table(*m, 3), (I32s{0, 2}));
   ASSERT_TRUE(m->Free(3).ok());  // LRU: 1, 0 (block 2 is partial: free list)
-  ASSERT_TRUE(m->Allocate(4, {7}, 0).ok());     // free list first
+  ASSERT_TRUE(AllocateComputed(*m, 4, {7}, 0).ok());     // free list first
   EXPECT_EQ(Table(*m, 4), (I32s{2}));
-  ASSERT_TRUE(m->Allocate(5, {8}, 0).ok());     // evicts 1, the least recently freed
+  ASSERT_TRUE(AllocateComputed(*m, 5, {8}, 0).ok());     // evicts 1, the least recently freed
   EXPECT_EQ(Table(*m, 5), (I32s{1}));
-  EXPECT_EQ(*m->Allocate(6, {1, 2, 9}, 0), 2);  // block 0 still cached
+  ASSERT_TRUE(m->Free(4).ok());                 // block 2 back to the free list
+  auto c = AllocateComputed(*m, 6, {1, 2, 9}, 0);        // block 0 still cached
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(*c, 2);
+  EXPECT_EQ(Table(*m, 6), (I32s{0, 2}));
+  EXPECT_EQ(m->Stats().num_evictions, 1);
   EXPECT_INVARIANTS(*m);
 }
 
@@ -422,32 +443,32 @@ TEST(BlockManagerPrefix, HitMovesBlockOutOfLruAndBackToTailOnRelease) {
 
 TEST(BlockManagerAppend, GrowsBlocksWithoutCaching) {
   auto m = Make(Opts(4, 4));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 3), 0).ok());
-  auto r = m->Append(1, {}, 1);
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 3), 0).ok());
+  auto r = AppendComputed(*m, 1, {}, 1);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_FALSE(r->has_value());
   EXPECT_EQ(*m->NumBlocks(1), 1);
-  ASSERT_TRUE(m->Append(1, {}, 1).ok());
+  ASSERT_TRUE(AppendComputed(*m, 1, {}, 1).ok());
   EXPECT_EQ(Table(*m, 1), (I32s{0, 1}));
-  ASSERT_TRUE(m->Append(1, {5, 6, 7, 8, 9, 10}, 6).ok());  // ids allowed, not needed
-  EXPECT_EQ(Table(*m, 1), (I32s{0, 1, 2, 3}));
+  ASSERT_TRUE(AppendComputed(*m, 1, {5, 6, 7, 8, 9, 10}, 6).ok());  // ids allowed, not needed
+  EXPECT_EQ(Table(*m, 1), (I32s{0, 1, 2}));
   EXPECT_EQ(*m->NumTokens(1), 11);
   EXPECT_INVARIANTS(*m);
 }
 
 TEST(BlockManagerAppend, ArgumentErrors) {
   auto m = Make(Opts(4, 4, 0, true));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 3), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 3), 0).ok());
   const Snapshot before = Snap(*m, {1});
-  auto r = m->Append(1, {}, -3);
+  auto r = AppendComputed(*m, 1, {}, -3);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_CONTAINS(r.status().message(), "num_tokens=-3 must be >= 1");
-  EXPECT_EQ(m->Append(1, {}, 0).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(AppendComputed(*m, 1, {}, 0).status().code(), absl::StatusCode::kInvalidArgument);
   // With prefix caching the ids are required, and their count must match.
-  auto e = m->Append(1, {}, 1);
+  auto e = AppendComputed(*m, 1, {}, 1);
   EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_CONTAINS(e.status().message(), "num_tokens=1");
-  EXPECT_EQ(m->Append(1, std::vector<int32_t>{1, 2}, 3).status().code(),
+  EXPECT_EQ(AppendComputed(*m, 1, std::vector<int32_t>{1, 2}, 3).status().code(),
             absl::StatusCode::kInvalidArgument);
   ExpectSame(before, Snap(*m, {1}));
   auto m2 = Make(Opts(4, 4));
@@ -459,40 +480,40 @@ TEST(BlockManagerAppend, ArgumentErrors) {
 
 TEST(BlockManagerAppend, ExhaustionLeavesStateUnchanged) {
   auto m = Make(Opts(4, 3));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 5), 0).ok());  // 2 blocks
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 5), 0).ok());  // 2 blocks
   const Snapshot before = Snap(*m, {1});
-  auto r = m->Append(1, {}, 8);  // 13 tokens: 4 blocks > 3
+  auto r = AppendComputed(*m, 1, {}, 8);  // 13 tokens: 4 blocks > 3
   EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_CONTAINS(r.status().message(), "seq 1");
   ExpectSame(before, Snap(*m, {1}));
-  EXPECT_EQ(m->Append(1, {}, int64_t{1} << 62).status().code(),
+  EXPECT_EQ(AppendComputed(*m, 1, {}, int64_t{1} << 62).status().code(),
             absl::StatusCode::kResourceExhausted);
   ExpectSame(before, Snap(*m, {1}));
-  ASSERT_TRUE(m->Append(1, {}, 7).ok());  // 12 tokens: exactly 3 blocks
+  ASSERT_TRUE(AppendComputed(*m, 1, {}, 7).ok());  // 12 tokens: exactly 3 blocks
   EXPECT_EQ(m->Stats().num_free_blocks, 0);
   EXPECT_INVARIANTS(*m);
 }
 
 TEST(BlockManagerAppend, PublishesBlocksAsTheyFill) {
   auto m = Make(Opts(4, 16, 0, true));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 3), 0).ok());
-  ASSERT_TRUE(m->Append(1, std::vector<int32_t>{3}, 1).ok());        // block 0 full
-  ASSERT_TRUE(m->Append(1, Tok(4, 6), 6).ok());                      // block 1 full, 2 partial
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 3), 0).ok());
+  ASSERT_TRUE(AppendComputed(*m, 1, std::vector<int32_t>{3}, 1).ok());        // block 0 full
+  ASSERT_TRUE(AppendComputed(*m, 1, Tok(4, 6), 6).ok());                      // block 1 full, 2 partial
   const auto ta = Table(*m, 1);
-  auto c = m->Allocate(2, Cat(Tok(0, 8), {77}), 0);
+  auto c = AllocateComputed(*m, 2, Cat(Tok(0, 8), {77}), 0);
   ASSERT_TRUE(c.ok());
   EXPECT_EQ(*c, 8);
   auto tb = Table(*m, 2);
   EXPECT_EQ(tb[0], ta[0]);
   EXPECT_EQ(tb[1], ta[1]);
   // The partial block is not published.
-  EXPECT_EQ(*m->Allocate(3, Cat(Tok(0, 10), {0, 0}), 0), 8);
+  EXPECT_EQ(*AllocateComputed(*m, 3, Cat(Tok(0, 10), {0, 0}), 0), 8);
   EXPECT_INVARIANTS(*m);
 }
 
 TEST(BlockManagerAppend, CanAppend) {
   auto m = Make(Opts(4, 3, 2));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 5), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 5), 0).ok());
   EXPECT_TRUE(*m->CanAppend(1, 3));
   EXPECT_TRUE(*m->CanAppend(1, 7));
   EXPECT_FALSE(*m->CanAppend(1, 8));
@@ -501,9 +522,9 @@ TEST(BlockManagerAppend, CanAppend) {
   EXPECT_CONTAINS(bad.status().message(), "num_tokens=0");
   // Copy-on-write needs a block too.
   ASSERT_TRUE(m->Fork(1, 2).ok());
-  ASSERT_TRUE(m->Allocate(3, Tok(0, 1), 0).ok());  // last free block
+  ASSERT_TRUE(AllocateComputed(*m, 3, Tok(0, 1), 0).ok());  // last free block
   EXPECT_FALSE(*m->CanAppend(2, 1));
-  EXPECT_EQ(m->Append(2, {}, 1).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(AppendComputed(*m, 2, {}, 1).status().code(), absl::StatusCode::kResourceExhausted);
   ASSERT_TRUE(m->Free(3).ok());
   EXPECT_TRUE(*m->CanAppend(2, 1));
   EXPECT_TRUE(*m->CanAppend(2, 3));
@@ -518,7 +539,7 @@ TEST(BlockManagerAppend, CanAppend) {
 
 TEST(BlockManagerFork, SharesBlocksAndCopiesOnWriteOnce) {
   auto m = Make(Opts(4, 8, 0, true));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 6), 0).ok());  // [0, 1], block 1 partial
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 6), 0).ok());  // [0, 1], block 1 partial
   ASSERT_TRUE(m->Fork(1, 2).ok());
   EXPECT_EQ(Table(*m, 2), (I32s{0, 1}));
   EXPECT_EQ(*m->NumTokens(2), 6);
@@ -526,17 +547,17 @@ TEST(BlockManagerFork, SharesBlocksAndCopiesOnWriteOnce) {
   EXPECT_EQ(m->Stats().num_sequences, 2);
   EXPECT_INVARIANTS(*m);
 
-  auto r = m->Append(2, std::vector<int32_t>{100}, 1);
+  auto r = AppendComputed(*m, 2, std::vector<int32_t>{100}, 1);
   ASSERT_TRUE(r.ok());
   ASSERT_TRUE(r->has_value());
   EXPECT_EQ(**r, (BlockCopy{1, 2}));
   EXPECT_EQ(Table(*m, 2), (I32s{0, 2}));
   EXPECT_EQ(Table(*m, 1), (I32s{0, 1}));
   // Second append to the child and the first to the parent: both private now, no copy.
-  auto r2 = m->Append(2, std::vector<int32_t>{101}, 1);
+  auto r2 = AppendComputed(*m, 2, std::vector<int32_t>{101}, 1);
   ASSERT_TRUE(r2.ok());
   EXPECT_FALSE(r2->has_value());
-  auto r3 = m->Append(1, std::vector<int32_t>{6}, 1);
+  auto r3 = AppendComputed(*m, 1, std::vector<int32_t>{6}, 1);
   ASSERT_TRUE(r3.ok());
   EXPECT_FALSE(r3->has_value());
   EXPECT_EQ(Table(*m, 1), (I32s{0, 1}));
@@ -544,7 +565,7 @@ TEST(BlockManagerFork, SharesBlocksAndCopiesOnWriteOnce) {
   EXPECT_INVARIANTS(*m);
 
   // Both full now, and published separately (different contents).
-  auto c = m->Allocate(3, Cat(Tok(0, 6), {100, 101, 0}), 0);
+  auto c = AllocateComputed(*m, 3, Cat(Tok(0, 6), {100, 101, 0}), 0);
   ASSERT_TRUE(c.ok());
   EXPECT_EQ(*c, 8);
   EXPECT_EQ(Table(*m, 3)[1], 2);
@@ -553,10 +574,10 @@ TEST(BlockManagerFork, SharesBlocksAndCopiesOnWriteOnce) {
 
 TEST(BlockManagerFork, CopyOnWriteWithMultipleBlocksAppended) {
   auto m = Make(Opts(4, 8));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 2), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 2), 0).ok());
   ASSERT_TRUE(m->Fork(1, 2).ok());
   ASSERT_TRUE(m->Fork(1, 3).ok());
-  auto r = m->Append(1, {}, 7);  // copy of block 0 plus 2 new blocks
+  auto r = AppendComputed(*m, 1, {}, 7);  // copy of block 0 plus 2 new blocks
   ASSERT_TRUE(r.ok());
   ASSERT_TRUE(r->has_value());
   EXPECT_EQ((*r)->src, 0);
@@ -564,9 +585,9 @@ TEST(BlockManagerFork, CopyOnWriteWithMultipleBlocksAppended) {
   EXPECT_EQ(Table(*m, 1)[0], (*r)->dst);
   EXPECT_EQ(Table(*m, 2), (I32s{0}));
   // Block 0 is still shared by 2 and 3: each gets its own copy.
-  auto r2 = m->Append(2, {}, 1);
+  auto r2 = AppendComputed(*m, 2, {}, 1);
   ASSERT_TRUE(r2.ok() && r2->has_value());
-  auto r3 = m->Append(3, {}, 1);
+  auto r3 = AppendComputed(*m, 3, {}, 1);
   ASSERT_TRUE(r3.ok());
   EXPECT_FALSE(r3->has_value());  // the last sharer keeps block 0
   EXPECT_EQ(Table(*m, 3), (I32s{0}));
@@ -575,13 +596,13 @@ TEST(BlockManagerFork, CopyOnWriteWithMultipleBlocksAppended) {
 
 TEST(BlockManagerFork, FullLastBlockNeedsNoCopy) {
   auto m = Make(Opts(4, 8, 0, true));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 8), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 8), 0).ok());
   ASSERT_TRUE(m->Fork(1, 2).ok());
-  auto r = m->Append(2, std::vector<int32_t>{9}, 1);
+  auto r = AppendComputed(*m, 2, std::vector<int32_t>{9}, 1);
   ASSERT_TRUE(r.ok());
   EXPECT_FALSE(r->has_value());
   EXPECT_EQ(Table(*m, 2), (I32s{0, 1, 2}));
-  auto r1 = m->Append(1, std::vector<int32_t>{9}, 1);
+  auto r1 = AppendComputed(*m, 1, std::vector<int32_t>{9}, 1);
   ASSERT_TRUE(r1.ok());
   EXPECT_FALSE(r1->has_value());
   EXPECT_EQ(Table(*m, 1), (I32s{0, 1, 3}));
@@ -590,8 +611,8 @@ TEST(BlockManagerFork, FullLastBlockNeedsNoCopy) {
 
 TEST(BlockManagerFork, Errors) {
   auto m = Make(Opts(4, 8, 4, false, 0.0, 3));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 5), 0).ok());
-  ASSERT_TRUE(m->Allocate(2, Tok(0, 5), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 5), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 2, Tok(0, 5), 0).ok());
   const Snapshot before = Snap(*m, {1, 2});
   auto s = m->Fork(1, 2);
   EXPECT_EQ(s.code(), absl::StatusCode::kAlreadyExists);
@@ -619,7 +640,7 @@ TEST(BlockManagerFork, Errors) {
 
 TEST(BlockManagerFree, ReleasesSharedBlocksByReference) {
   auto m = Make(Opts(4, 8));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 6), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 6), 0).ok());
   ASSERT_TRUE(m->Fork(1, 2).ok());
   ASSERT_TRUE(m->Free(1).ok());
   EXPECT_EQ(m->Stats().num_used_blocks, 2);
@@ -633,7 +654,7 @@ TEST(BlockManagerFree, ReleasesSharedBlocksByReference) {
   EXPECT_EQ(again.code(), absl::StatusCode::kNotFound);
   EXPECT_CONTAINS(again.message(), "seq 2: unknown sequence id");
   // The id can be reused.
-  EXPECT_TRUE(m->Allocate(2, Tok(0, 1), 0).ok());
+  EXPECT_TRUE(AllocateComputed(*m, 2, Tok(0, 1), 0).ok());
   EXPECT_INVARIANTS(*m);
 }
 
@@ -642,8 +663,8 @@ TEST(BlockManagerFree, ReleasesSharedBlocksByReference) {
 
 TEST(BlockManagerSlotMapping, MapsPositionsThroughTheTable) {
   auto m = Make(Opts(4, 8));
-  ASSERT_TRUE(m->Allocate(9, Tok(0, 1), 0).ok());  // takes block 0
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 10), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 9, Tok(0, 1), 0).ok());  // takes block 0
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 10), 0).ok());
   EXPECT_EQ(Table(*m, 1), (I32s{1, 2, 3}));
   std::vector<int64_t> out(10, -1);
   ASSERT_TRUE(m->SlotMapping(1, 0, 10, absl::MakeSpan(out)).ok());
@@ -656,7 +677,7 @@ TEST(BlockManagerSlotMapping, MapsPositionsThroughTheTable) {
 
 TEST(BlockManagerSlotMapping, Errors) {
   auto m = Make(Opts(4, 8, 4));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 10), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 10), 0).ok());
   std::vector<int64_t> out(16);
   auto span = absl::MakeSpan(out);
   auto e = m->SlotMapping(1, -1, 2, span);
@@ -680,7 +701,7 @@ TEST(BlockManagerSlotMapping, Errors) {
 
 TEST(BlockManagerStateSlots, AssignedAtAllocateAndForkReleasedAtFree) {
   auto m = Make(Opts(4, 16, 8, false, 0.0, 2));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 3), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 3), 0).ok());
   ASSERT_TRUE(m->Fork(1, 2).ok());
   const int32_t s1 = *m->StateSlot(1), s2 = *m->StateSlot(2);
   EXPECT_NE(s1, s2);
@@ -689,7 +710,7 @@ TEST(BlockManagerStateSlots, AssignedAtAllocateAndForkReleasedAtFree) {
   EXPECT_GE(s2, 0);
   EXPECT_LT(s2, 2);
   const Snapshot before = Snap(*m, {1, 2});
-  auto e = m->Allocate(3, Tok(0, 3), 0);
+  auto e = AllocateComputed(*m, 3, Tok(0, 3), 0);
   EXPECT_EQ(e.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_CONTAINS(e.status().message(), "state slot");
   ExpectSame(before, Snap(*m, {1, 2}));
@@ -701,20 +722,20 @@ TEST(BlockManagerStateSlots, AssignedAtAllocateAndForkReleasedAtFree) {
   EXPECT_EQ(*m->StateSlot(1), s1);
   ASSERT_TRUE(m->Free(1).ok());
   EXPECT_EQ(m->CanAllocate(Tok(0, 3), 3, 0), AllocVerdict::kOk);
-  ASSERT_TRUE(m->Allocate(3, Tok(0, 3), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 3, Tok(0, 3), 0).ok());
   EXPECT_EQ(*m->StateSlot(3), s1);
   EXPECT_INVARIANTS(*m);
   // Freeing a swapped sequence releases its slot too.
   ASSERT_TRUE(m->SwapOut(3).ok());
   ASSERT_TRUE(m->Free(3).ok());
-  ASSERT_TRUE(m->Allocate(4, Tok(0, 3), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 4, Tok(0, 3), 0).ok());
   EXPECT_EQ(*m->StateSlot(4), s1);
   EXPECT_INVARIANTS(*m);
 }
 
 TEST(BlockManagerStateSlots, MinusOneWithoutSlots) {
   auto m = Make(Opts(4, 16));
-  for (uint64_t id = 0; id < 10; ++id) ASSERT_TRUE(m->Allocate(id, Tok(0, 3), 0).ok());
+  for (uint64_t id = 0; id < 10; ++id) ASSERT_TRUE(AllocateComputed(*m, id, Tok(0, 3), 0).ok());
   ASSERT_TRUE(m->Fork(0, 100).ok());
   EXPECT_EQ(*m->StateSlot(0), -1);
   EXPECT_EQ(*m->StateSlot(100), -1);
@@ -726,8 +747,8 @@ TEST(BlockManagerStateSlots, MinusOneWithoutSlots) {
 
 TEST(BlockManagerSwap, OutAndInPlans) {
   auto m = Make(Opts(4, 8, 4));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 2), 0).ok());  // block 0
-  ASSERT_TRUE(m->Allocate(2, Tok(0, 6), 0).ok());  // blocks 1, 2
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 2), 0).ok());  // block 0
+  ASSERT_TRUE(AllocateComputed(*m, 2, Tok(0, 6), 0).ok());  // blocks 1, 2
   const auto t2 = Table(*m, 2);
   EXPECT_EQ(*m->NumBlocks(2), 2);
   auto out = m->SwapOut(2);
@@ -752,7 +773,7 @@ TEST(BlockManagerSwap, OutAndInPlans) {
   EXPECT_INVARIANTS(*m);
 
   // Take the device blocks it left so swap-in gets different ones.
-  ASSERT_TRUE(m->Allocate(3, Tok(0, 5), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 3, Tok(0, 5), 0).ok());
   auto in = m->SwapIn(2);
   ASSERT_TRUE(in.ok()) << in.status();
   ASSERT_EQ(in->size(), 2u);
@@ -767,14 +788,14 @@ TEST(BlockManagerSwap, OutAndInPlans) {
   EXPECT_EQ(s.num_swapped_sequences, 0);
   EXPECT_EQ(s.num_used_blocks, 5);
   // A resident sequence is usable again.
-  EXPECT_TRUE(m->Append(2, {}, 3).ok());
+  EXPECT_TRUE(AppendComputed(*m, 2, {}, 3).ok());
   EXPECT_INVARIANTS(*m);
 }
 
 TEST(BlockManagerSwap, Errors) {
   auto m = Make(Opts(4, 6, 2));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 9), 0).ok());  // 3 blocks > 2 host blocks
-  ASSERT_TRUE(m->Allocate(2, Tok(0, 5), 0).ok());  // 2 blocks
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 9), 0).ok());  // 3 blocks > 2 host blocks
+  ASSERT_TRUE(AllocateComputed(*m, 2, Tok(0, 5), 0).ok());  // 2 blocks
   const Snapshot before = Snap(*m, {1, 2});
   auto e = m->SwapOut(1);
   EXPECT_EQ(e.status().code(), absl::StatusCode::kResourceExhausted);
@@ -786,7 +807,7 @@ TEST(BlockManagerSwap, Errors) {
 
   ASSERT_TRUE(m->SwapOut(2).ok());
   EXPECT_EQ(m->SwapOut(2).status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(m->Append(2, {}, 1).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(AppendComputed(*m, 2, {}, 1).status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(m->BlockTable(2).status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(m->Fork(2, 3).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(m->SlotMapping(2, 0, 1, {}).code(), absl::StatusCode::kFailedPrecondition);
@@ -799,9 +820,9 @@ TEST(BlockManagerSwap, Errors) {
 
 TEST(BlockManagerSwap, SwapInNeedsFreeDeviceBlocks) {
   auto m = Make(Opts(4, 6, 4));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 8), 0).ok());  // 2 blocks
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 8), 0).ok());  // 2 blocks
   ASSERT_TRUE(m->SwapOut(1).ok());
-  ASSERT_TRUE(m->Allocate(2, Tok(0, 20), 0).ok());  // 5 of 6 blocks
+  ASSERT_TRUE(AllocateComputed(*m, 2, Tok(0, 20), 0).ok());  // 5 of 6 blocks
   const Snapshot before = Snap(*m, {1, 2});
   auto in = m->SwapIn(1);
   EXPECT_EQ(in.status().code(), absl::StatusCode::kResourceExhausted);
@@ -817,7 +838,7 @@ TEST(BlockManagerSwap, SwapInNeedsFreeDeviceBlocks) {
 
 TEST(BlockManagerSwap, SharedBlocksStayWithTheOtherSequence) {
   auto m = Make(Opts(4, 8, 8));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 6), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 6), 0).ok());
   ASSERT_TRUE(m->Fork(1, 2).ok());
   auto out = m->SwapOut(2);
   ASSERT_TRUE(out.ok());
@@ -825,7 +846,7 @@ TEST(BlockManagerSwap, SharedBlocksStayWithTheOtherSequence) {
   EXPECT_EQ(m->Stats().num_used_blocks, 2);  // still held by seq 1
   EXPECT_EQ(Table(*m, 1), (I32s{0, 1}));
   // Seq 1's last block is private again: no copy on append.
-  auto r = m->Append(1, {}, 1);
+  auto r = AppendComputed(*m, 1, {}, 1);
   ASSERT_TRUE(r.ok());
   EXPECT_FALSE(r->has_value());
   auto in = m->SwapIn(2);
@@ -836,7 +857,7 @@ TEST(BlockManagerSwap, SharedBlocksStayWithTheOtherSequence) {
 
 TEST(BlockManagerSwap, CachedBlocksSurviveSwapOutAndHashChainContinuesAfterSwapIn) {
   auto m = Make(Opts(4, 16, 8, true));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 6), 3).ok());  // block 0 full and published
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 6), 3).ok());  // block 0 full and published
   const auto t1 = Table(*m, 1);
   ASSERT_TRUE(m->SwapOut(1).ok());
   EXPECT_EQ(m->Stats().num_cached_free_blocks, 1);  // t1[0]
@@ -846,9 +867,9 @@ TEST(BlockManagerSwap, CachedBlocksSurviveSwapOutAndHashChainContinuesAfterSwapI
   EXPECT_EQ(m->Stats().num_cached_free_blocks, 1);
   EXPECT_INVARIANTS(*m);
   // Appending fills block 1, published under the chain that continues from block 0's hash.
-  ASSERT_TRUE(m->Append(1, Tok(6, 2), 2).ok());
+  ASSERT_TRUE(AppendComputed(*m, 1, Tok(6, 2), 2).ok());
   EXPECT_INVARIANTS(*m);
-  auto c = m->Allocate(2, Cat(Tok(0, 8), {1}), 3);
+  auto c = AllocateComputed(*m, 2, Cat(Tok(0, 8), {1}), 3);
   ASSERT_TRUE(c.ok());
   EXPECT_EQ(*c, 8);
   const auto t2 = Table(*m, 2);
@@ -867,11 +888,11 @@ TEST(BlockManagerCanAllocate, WatermarkVerdicts) {
   EXPECT_EQ(m->CanAllocate({}, 0, 0), AllocVerdict::kNever);
   EXPECT_EQ(m->CanAllocate({}, -5, 0), AllocVerdict::kNever);
   EXPECT_EQ(m->CanAllocate(Tok(0, 3), 4, 0), AllocVerdict::kNever);  // ids/count mismatch
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 12), 0).ok());                  // 3 blocks, 7 left
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 12), 0).ok());                  // 3 blocks, 7 left
   EXPECT_EQ(m->CanAllocate({}, 21, 0), AllocVerdict::kLater);        // 6 blocks leave 1
   EXPECT_EQ(m->CanAllocate({}, 20, 0), AllocVerdict::kOk);           // 5 blocks leave 2
   // Allocate does not enforce the watermark.
-  ASSERT_TRUE(m->Allocate(2, Tok(0, 28), 0).ok());  // 7 blocks
+  ASSERT_TRUE(AllocateComputed(*m, 2, Tok(0, 28), 0).ok());  // 7 blocks
   EXPECT_EQ(m->Stats().num_free_blocks, 0);
   EXPECT_EQ(m->CanAllocate({}, 1, 0), AllocVerdict::kLater);
   EXPECT_EQ(m->CanAllocate({}, 33, 0), AllocVerdict::kNever);
@@ -882,14 +903,14 @@ TEST(BlockManagerCanAllocate, ZeroWatermark) {
   auto m = Make(Opts(4, 4));
   EXPECT_EQ(m->CanAllocate({}, 16, 0), AllocVerdict::kOk);
   EXPECT_EQ(m->CanAllocate({}, 17, 0), AllocVerdict::kNever);
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 1), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 1), 0).ok());
   EXPECT_EQ(m->CanAllocate({}, 16, 0), AllocVerdict::kLater);
   EXPECT_EQ(m->CanAllocate({}, 12, 0), AllocVerdict::kOk);
 }
 
 TEST(BlockManagerCanAllocate, PrefixCredit) {
   auto m = Make(Opts(4, 6, 0, true));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 16), 0).ok());  // 4 blocks, all published
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 16), 0).ok());  // 4 blocks, all published
   // 6 blocks of which 4 hit used blocks: 2 fresh, 2 available.
   const auto p = Cat(Tok(0, 16), Tok(100, 8));
   EXPECT_EQ(m->CanAllocate(p, 24, 0), AllocVerdict::kOk);
@@ -900,13 +921,13 @@ TEST(BlockManagerCanAllocate, PrefixCredit) {
   EXPECT_EQ(m->CanAllocate(p, 24, 0), AllocVerdict::kOk);
   auto q = Cat(Tok(0, 16), Tok(100, 9));  // 7 blocks: more than the pool
   EXPECT_EQ(m->CanAllocate(q, 25, 0), AllocVerdict::kNever);
-  ASSERT_TRUE(m->Allocate(2, Tok(500, 1), 0).ok());  // 1 free block left
+  ASSERT_TRUE(AllocateComputed(*m, 2, Tok(500, 1), 0).ok());  // 1 free block left
   EXPECT_EQ(m->CanAllocate(p, 24, 0), AllocVerdict::kLater);
-  EXPECT_EQ(m->Allocate(3, p, 0).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(AllocateComputed(*m, 3, p, 0).status().code(), absl::StatusCode::kResourceExhausted);
   // 4 hits + 1 fresh fits.
   const auto r = Cat(Tok(0, 16), Tok(100, 3));
   EXPECT_EQ(m->CanAllocate(r, 19, 0), AllocVerdict::kOk);
-  auto c = m->Allocate(3, r, 0);
+  auto c = AllocateComputed(*m, 3, r, 0);
   ASSERT_TRUE(c.ok());
   EXPECT_EQ(*c, 16);
   EXPECT_INVARIANTS(*m);
@@ -914,10 +935,10 @@ TEST(BlockManagerCanAllocate, PrefixCredit) {
 
 TEST(BlockManagerCanAllocate, FullHitCreditMatchesAllocate) {
   auto m = Make(Opts(4, 3, 0, true));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 8), 0).ok());  // 2 blocks
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 8), 0).ok());  // 2 blocks
   // Same 8 tokens: 1 hit (back-off) + 1 fresh block; 1 available.
   EXPECT_EQ(m->CanAllocate(Tok(0, 8), 8, 0), AllocVerdict::kOk);
-  ASSERT_TRUE(m->Allocate(2, Tok(0, 8), 0).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 2, Tok(0, 8), 0).ok());
   EXPECT_EQ(m->CanAllocate(Tok(0, 8), 8, 0), AllocVerdict::kLater);
   EXPECT_INVARIANTS(*m);
 }
@@ -927,8 +948,8 @@ TEST(BlockManagerCanAllocate, FullHitCreditMatchesAllocate) {
 
 TEST(BlockManagerStats, TracksEverything) {
   auto m = Make(Opts(2, 6, 4, true));
-  ASSERT_TRUE(m->Allocate(1, {1, 2, 3, 4, 5}, 0).ok());  // 3 blocks, 2 published
-  ASSERT_TRUE(m->Allocate(2, {1, 2, 3, 4, 6}, 0).ok());  // hits 2, 1 fresh
+  ASSERT_TRUE(AllocateComputed(*m, 1, {1, 2, 3, 4, 5}, 0).ok());  // 3 blocks, 2 published
+  ASSERT_TRUE(AllocateComputed(*m, 2, {1, 2, 3, 4, 6}, 0).ok());  // hits 2, 1 fresh
   ASSERT_TRUE(m->SwapOut(2).ok());
   auto s = m->Stats();
   EXPECT_EQ(s.num_used_blocks, 3);
@@ -945,7 +966,7 @@ TEST(BlockManagerStats, TracksEverything) {
   EXPECT_EQ(s.num_cached_free_blocks, 2);
   EXPECT_EQ(s.num_free_blocks, 4);
   EXPECT_EQ(s.num_used_blocks + s.num_free_blocks + s.num_cached_free_blocks, 6);
-  ASSERT_TRUE(m->Allocate(3, {9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9}, 0).ok());  // 6 blocks: 2 evictions
+  ASSERT_TRUE(AllocateComputed(*m, 3, {9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9}, 0).ok());  // 6 blocks: 2 evictions
   EXPECT_EQ(m->Stats().num_evictions, 2);
   EXPECT_EQ(m->Stats().num_cached_free_blocks, 0);
   EXPECT_INVARIANTS(*m);
@@ -953,15 +974,15 @@ TEST(BlockManagerStats, TracksEverything) {
 
 TEST(BlockManagerInvariants, HoldThroughAMixedScenario) {
   auto m = Make(Opts(4, 12, 6, true, 0.1, 4, 1234));
-  ASSERT_TRUE(m->Allocate(1, Tok(0, 13), 5).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 1, Tok(0, 13), 5).ok());
   ASSERT_TRUE(m->Fork(1, 2).ok());
-  ASSERT_TRUE(m->Append(2, Tok(13, 3), 3).ok());
-  ASSERT_TRUE(m->Allocate(3, Tok(0, 17), 5).ok());
+  ASSERT_TRUE(AppendComputed(*m, 2, Tok(13, 3), 3).ok());
+  ASSERT_TRUE(AllocateComputed(*m, 3, Tok(0, 17), 5).ok());
   ASSERT_TRUE(m->SwapOut(1).ok());
   EXPECT_INVARIANTS(*m);
   ASSERT_TRUE(m->Free(2).ok());
   ASSERT_TRUE(m->SwapIn(1).ok());
-  ASSERT_TRUE(m->Append(1, Tok(13, 4), 4).ok());
+  ASSERT_TRUE(AppendComputed(*m, 1, Tok(13, 4), 4).ok());
   EXPECT_INVARIANTS(*m);
   ASSERT_TRUE(m->Free(1).ok());
   ASSERT_TRUE(m->Free(3).ok());
@@ -970,6 +991,34 @@ TEST(BlockManagerInvariants, HoldThroughAMixedScenario) {
   EXPECT_EQ(s.num_sequences, 0);
   EXPECT_EQ(s.num_free_host_blocks, 6);
   EXPECT_INVARIANTS(*m);
+}
+
+}  // namespace
+}  // namespace kvplug::paged
+
+namespace kvplug::paged {
+namespace {
+
+TEST(BlockManagerPrefix, BlocksReachTheCacheOnlyOnceComputed) {
+  auto m = Make(Opts(4, 16, 0, true));
+  // A 10-token prompt computed in chunks: nothing is served before its K/V is written.
+  ASSERT_EQ(*m->Allocate(1, Tok(0, 10), 0), 0);
+  ASSERT_EQ(*m->Allocate(2, Tok(0, 10), 0), 0);  // no hit: seq 1 computed nothing yet
+  ASSERT_TRUE(m->MarkComputed(1, 6).ok());         // block 0 full and computed, block 1 not
+  EXPECT_EQ(*m->Allocate(3, Tok(0, 10), 0), 4);
+  ASSERT_TRUE(m->MarkComputed(1, 10).ok());
+  EXPECT_EQ(*m->Allocate(4, Tok(0, 10), 0), 8);
+  ASSERT_TRUE(m->MarkComputed(1, 3).ok());  // never goes backwards: no effect
+  EXPECT_EQ(*m->Allocate(5, Tok(0, 10), 0), 8);
+  // Appended tokens likewise.
+  ASSERT_TRUE(m->Append(4, Tok(10, 2), 2).ok());  // fills block 2 of seq 4 (tokens 8..11)
+  EXPECT_EQ(*m->Allocate(6, Tok(0, 13), 0), 8);
+  ASSERT_TRUE(m->MarkComputed(4, 12).ok());
+  EXPECT_EQ(*m->Allocate(7, Tok(0, 13), 0), 12);
+  EXPECT_EQ(m->MarkComputed(4, 13).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(m->MarkComputed(4, -1).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(m->MarkComputed(99, 1).code(), absl::StatusCode::kNotFound);
+  EXPECT_TRUE(m->CheckInvariants().ok()) << m->CheckInvariants();
 }
 
 }  // namespace

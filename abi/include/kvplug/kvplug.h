@@ -144,10 +144,10 @@ KVP_API kvp_status kvp_context_set_stream(kvp_context* context, void* stream);
  * p % block_size; its cache slot is block_id * block_size + offset (vLLM's slot mapping).
  *
  * Prefix caching: a full block is identified by a hash chained from its parent block's hash, its
- * token ids and the sequence's extra key (e.g. a tenant salt or LoRA id). Full blocks are published
- * to the prefix cache when they become full (in allocate or append): the caller must write their K/V
- * in the same step. Unreferenced cached blocks stay reusable until evicted, least recently used
- * first, when free blocks run out.
+ * token ids and the sequence's extra key (e.g. a tenant salt or LoRA id). A full block is published
+ * to the prefix cache once the caller reports its K/V written (kvp_block_manager_mark_computed), so
+ * chunked prefill never serves unwritten blocks. Unreferenced cached blocks stay reusable until
+ * evicted, least recently used first, when free blocks run out.
  *
  * Thread safety: not thread-safe; kvp_block_manager_stats and the read-only queries may run
  * concurrently with each other but not with a mutating call.
@@ -206,6 +206,7 @@ KVP_API kvp_status kvp_block_manager_can_allocate(const kvp_block_manager* manag
                                                   kvp_alloc_verdict* out_verdict);
 
 /* Create sequence `seq_id` holding `num_tokens` (>= 1) prompt tokens, reusing cached prefix blocks.
+ * `token_ids` may be NULL only without prefix caching.
  * `out_num_cached_tokens` (optional) receives how many leading tokens already have K/V in the cache
  * (a multiple of block_size, always < num_tokens so at least one token is computed).
  * KVP_ERR_ALREADY_EXISTS, KVP_ERR_NO_FREE_BLOCKS (nothing changed). */
@@ -224,6 +225,12 @@ KVP_API kvp_status kvp_block_manager_can_append(const kvp_block_manager* manager
 KVP_API kvp_status kvp_block_manager_append(kvp_block_manager* manager, uint64_t seq_id,
                                             const int32_t* token_ids, int64_t num_tokens,
                                             kvp_block_copy* out_copy, int32_t* out_copy_needed);
+
+/* The K/V of the first `num_computed_tokens` tokens of `seq_id` is written: publish its full blocks
+ * to the prefix cache (no-op without prefix caching; never goes backwards). Call it after each step.
+ * KVP_ERR_OUT_OF_RANGE beyond the sequence's length; KVP_ERR_FAILED_PRECONDITION if swapped out. */
+KVP_API kvp_status kvp_block_manager_mark_computed(kvp_block_manager* manager, uint64_t seq_id,
+                                                   int64_t num_computed_tokens);
 
 /* Create `child_id` sharing every block of `parent_id` (reference counted; copy on write). */
 KVP_API kvp_status kvp_block_manager_fork(kvp_block_manager* manager, uint64_t parent_id,

@@ -35,6 +35,7 @@
   X(kvp_block_manager_allocate) \
   X(kvp_block_manager_can_append) \
   X(kvp_block_manager_append) \
+  X(kvp_block_manager_mark_computed) \
   X(kvp_block_manager_fork) \
   X(kvp_block_manager_free) \
   X(kvp_block_manager_num_tokens) \
@@ -65,9 +66,14 @@
   X(kvp_attention_write_kv) \
   X(kvp_attention_run) \
 
+/* Pointer types first: C++ forbids a member whose declaration names what the member then renames. */
+#define KVP_API_TYPEDEF(name) typedef __typeof__(&name) name##_fn;
+KVP_FOR_EACH_FUNCTION(KVP_API_TYPEDEF)
+#undef KVP_API_TYPEDEF
+
 typedef struct kvp_api {
   void* handle;
-#define KVP_API_MEMBER(name) __typeof__(&name) name;
+#define KVP_API_MEMBER(name) name##_fn name;
   KVP_FOR_EACH_FUNCTION(KVP_API_MEMBER)
 #undef KVP_API_MEMBER
 } kvp_api;

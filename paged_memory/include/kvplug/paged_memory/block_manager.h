@@ -68,8 +68,8 @@ class BlockManager {
 
   // Creates `seq_id` with the prompt `token_ids` (non-empty). Returns the number of leading tokens
   // whose K/V is already cached: a multiple of block_size, < token_ids.size() (when every block
-  // hits, the last block is not reused so at least one token is computed). Blocks that become full
-  // are published to the prefix cache. Token ids are needed when prefix caching is on.
+  // hits, the last block is not reused so at least one token is computed). New blocks reach the
+  // prefix cache only through MarkComputed. Token ids are needed when prefix caching is on.
   absl::StatusOr<int64_t> Allocate(uint64_t seq_id, absl::Span<const int32_t> token_ids,
                                    uint64_t extra_key);
 
@@ -80,6 +80,10 @@ class BlockManager {
   absl::StatusOr<std::optional<BlockCopy>> Append(uint64_t seq_id,
                                                   absl::Span<const int32_t> token_ids,
                                                   int64_t num_tokens);
+
+  // The caller has written the K/V of the first `num_computed_tokens` tokens: their full blocks are
+  // published to the prefix cache (a no-op without prefix caching). Never goes backwards.
+  absl::Status MarkComputed(uint64_t seq_id, int64_t num_computed_tokens);
 
   absl::Status Fork(uint64_t parent_id, uint64_t child_id);
   absl::Status Free(uint64_t seq_id);
