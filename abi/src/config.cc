@@ -42,6 +42,9 @@ kvp_status Translate(const fb::AttentionConfig& config, std::string_view backend
   if (type != want)
     return Invalid(fmt::format("config holds a {} but backend '{}' takes a {}", fb::EnumNameBackendConfig(type),
                                backend, fb::EnumNameBackendConfig(want)));
+  // The verifier accepts a union type without its table; the accessors below would read through NULL.
+  if (!config.backend_config())
+    return Invalid(fmt::format("config names a {} but holds no backend_config table", fb::EnumNameBackendConfig(type)));
   switch (type) {
     case BackendConfig::DenseConfig: {
       const auto* c = config.backend_config_as_DenseConfig();

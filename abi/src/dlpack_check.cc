@@ -48,22 +48,36 @@ kvp_status ToTensorView(const DLTensor* t, const char* name, const kvp_context* 
   v.device = context ? context->exec.device : Device::kCpu;
   v.device_id = t->device.device_id;
   v.ndim = expected_ndim;
-  int64_t numel = 1;
+  bool empty = false;
   for (int i = 0; i < expected_ndim; ++i) {
     if (t->shape[i] < 0 || t->shape[i] > (int64_t{1} << 40))
       return Fail(KVP_ERR_INVALID_ARGUMENT, fmt::format("{}: shape[{}]={} out of range", name, i, t->shape[i]));
     v.shape[i] = t->shape[i];
-    numel *= t->shape[i];
+    empty |= t->shape[i] == 0;
   }
-  // NULL strides mean compact row-major (DLPack).
+  // The element count must fit in int64 (a running product <= 2^63 times a shape <= 2^40 fits in
+  // __int128); a wrapped-around count would skip the checks below.
+  if (!empty) {
+    __int128 numel = 1;
+    for (int i = 0; i < expected_ndim; ++i) {
+      numel *= v.shape[i];
+      if (numel > std::numeric_limits<int64_t>::max())
+        return Fail(KVP_ERR_INVALID_ARGUMENT, fmt::format("{}: shape [{}] holds more than 2^63 elements", name,
+                                                          fmt::join(v.shape.begin(), v.shape.begin() + expected_ndim, ", ")));
+    }
+  }
+  // NULL strides mean compact row-major (DLPack). The product saturates: past int64 only for an
+  // empty tensor, whose strides are never used.
   int64_t compact = 1;
   for (int i = expected_ndim - 1; i >= 0; --i) {
     v.strides[i] = t->strides ? t->strides[i] : compact;
-    compact *= v.shape[i];
+    compact = (v.shape[i] != 0 && compact > std::numeric_limits<int64_t>::max() / v.shape[i])
+                  ? std::numeric_limits<int64_t>::max()
+                  : compact * v.shape[i];
     if (v.strides[i] < 0)
       return Fail(KVP_ERR_INVALID_ARGUMENT, fmt::format("{}: strides[{}]={} is negative", name, i, v.strides[i]));
   }
-  if (numel > 0) {
+  if (!empty) {
     // The furthest element must be addressable without overflow.
     __int128 extent = 0;
     for (int i = 0; i < expected_ndim; ++i) extent += static_cast<__int128>(v.shape[i] - 1) * v.strides[i];

@@ -5,6 +5,8 @@
 
 #include "fmt/format.h"
 #include "internal.h"
+#include "kvplug/attention/dense/dense.h"
+#include "kvplug/kv_cache/cuda_kernels.h"
 #include "kvplug/kv_cache/device.h"
 
 using kvplug::DType;
@@ -115,6 +117,7 @@ KVP_API kvp_status kvp_context_create(const kvp_context_options* options, kvp_co
                   fmt::format("device_type={} is not kDLCPU (1) or kDLCUDA (2)", o.device_type));
     }
     ctx->pool = std::make_unique<attn::ThreadPool>(o.device_type == kDLCPU ? o.num_threads : 1);
+    if (ctx->exec.device == Device::kCuda) ctx->exec.num_sms = kv::CudaSmCount(o.device_id);
     ctx->exec.pool = ctx->pool.get();
     *out_context = ctx.release();
     return KVP_OK;
@@ -466,8 +469,9 @@ KVP_API kvp_status kvp_kv_cache_create(const kvp_context* context, const kvp_kv_
     KVP_REQUIRE(context && out_cache, "context and out_cache are required");
     kv::KvCacheOptions o;
     KVP_RETURN_IF_ERROR(ToCacheOptions(options, &o));
-    if (context->exec.device != Device::kCpu)
-      return Fail(KVP_ERR_NOT_SUPPORTED, "KV caches on CUDA devices are not in this build yet");
+    o.device = context->exec.device;
+    o.device_id = context->exec.device_id;
+    KVP_RETURN_IF_ERROR(FromStatus(kv::ValidateOptions(o)));
     return FinishCache(context, kv::KvCache::Create(o), out_cache);
   });
 }
@@ -479,8 +483,9 @@ KVP_API kvp_status kvp_kv_cache_create_from_tensors(const kvp_context* context, 
     KVP_REQUIRE(context && out_cache && layer_tensors, "context, layer_tensors and out_cache are required");
     kv::KvCacheOptions o;
     KVP_RETURN_IF_ERROR(ToCacheOptions(options, &o));
-    if (context->exec.device != Device::kCpu)
-      return Fail(KVP_ERR_NOT_SUPPORTED, "KV caches on CUDA devices are not in this build yet");
+    o.device = context->exec.device;
+    o.device_id = context->exec.device_id;
+    KVP_RETURN_IF_ERROR(FromStatus(kv::ValidateOptions(o)));
     KVP_REQUIRE(num_layer_tensors == o.num_layers, "num_layer_tensors={} but num_layers={}", num_layer_tensors,
                 o.num_layers);
     std::vector<kv::PagedLayer> layers;
@@ -523,7 +528,9 @@ KVP_API kvp_status kvp_kv_cache_layer_view(const kvp_kv_cache* cache, int32_t la
     const size_t index = static_cast<size_t>(host) * o.num_layers + layer;
     DLTensor v{};
     v.data = p.data;
-    v.device = host ? DLDevice{kDLCPU, 0} : DLDevice{kDLCPU, 0};
+    const bool cuda = o.device == Device::kCuda;
+    v.device = host ? DLDevice{cuda ? kDLCUDAHost : kDLCPU, 0}
+                    : DLDevice{cuda ? kDLCUDA : kDLCPU, cuda ? o.device_id : 0};
     v.ndim = 5;
     switch (o.dtype) {
       case DType::kF32: v.dtype = DLDataType{kDLFloat, 32, 1}; break;
@@ -550,6 +557,8 @@ KVP_API kvp_status kvp_kv_cache_write(kvp_kv_cache* cache, int32_t layer, const 
                 k.shape[1], k.shape[2], v.shape[0], v.shape[1], v.shape[2]);
     const int64_t* slots;
     KVP_RETURN_IF_ERROR(CheckSlotMapping(slot_mapping, k.shape[0], cache->context, &slots));
+    if (cache->cache->device() == Device::kCuda)
+      return FromStatus(cache->cache->WriteDeviceSlots(layer, k, v, slots, k.shape[0], cache->context->exec.stream));
     return FromStatus(cache->cache->Write(layer, k, v, absl::Span<const int64_t>(slots, k.shape[0])));
   });
 }
@@ -570,19 +579,19 @@ kvp_status BlockCopies(kvp_kv_cache* cache, const kvp_block_copy* copies, int32_
 
 KVP_API kvp_status kvp_kv_cache_copy_blocks(kvp_kv_cache* cache, const kvp_block_copy* copies, int32_t num_copies) {
   return Guard(__func__, [&] {
-    return BlockCopies(cache, copies, num_copies, [&](auto list) { return cache->cache->CopyBlocks(list); });
+    return BlockCopies(cache, copies, num_copies, [&](auto list) { return cache->cache->CopyBlocks(list, cache->context->exec.stream); });
   });
 }
 
 KVP_API kvp_status kvp_kv_cache_swap_out(kvp_kv_cache* cache, const kvp_block_copy* copies, int32_t num_copies) {
   return Guard(__func__, [&] {
-    return BlockCopies(cache, copies, num_copies, [&](auto list) { return cache->cache->SwapOut(list); });
+    return BlockCopies(cache, copies, num_copies, [&](auto list) { return cache->cache->SwapOut(list, cache->context->exec.stream); });
   });
 }
 
 KVP_API kvp_status kvp_kv_cache_swap_in(kvp_kv_cache* cache, const kvp_block_copy* copies, int32_t num_copies) {
   return Guard(__func__, [&] {
-    return BlockCopies(cache, copies, num_copies, [&](auto list) { return cache->cache->SwapIn(list); });
+    return BlockCopies(cache, copies, num_copies, [&](auto list) { return cache->cache->SwapIn(list, cache->context->exec.stream); });
   });
 }
 
@@ -601,7 +610,7 @@ KVP_API kvp_status kvp_kv_cache_state(kvp_kv_cache* cache, int32_t layer, int32_
 KVP_API kvp_status kvp_kv_cache_copy_state(kvp_kv_cache* cache, int32_t src_slot, int32_t dst_slot) {
   return Guard(__func__, [&] {
     KVP_REQUIRE(cache, "cache is NULL");
-    return FromStatus(cache->cache->CopyState(src_slot, dst_slot));
+    return FromStatus(cache->cache->CopyState(src_slot, dst_slot, cache->context->exec.stream));
   });
 }
 
@@ -614,7 +623,10 @@ KVP_API kvp_status kvp_plan_create(const kvp_context* context, const kvp_plan_op
     KVP_RETURN_IF_ERROR(ReadOptions(options, "options", &o));
     const attn::PlanCapacity c{o.max_num_seqs, o.max_num_tokens, o.max_num_blocks};
     KVP_RETURN_IF_ERROR(FromStatus(attn::BatchPlan::ValidateCapacity(c)));
-    *out_plan = new kvp_plan(c);
+    auto plan = std::make_unique<kvp_plan>(context, c);
+    if (context->exec.device == Device::kCuda)
+      KVP_RETURN_IF_ERROR(FromStatus(plan->plan.EnableDevice(context->exec.device_id)));
+    *out_plan = plan.release();
     return KVP_OK;
   });
 }
@@ -640,7 +652,7 @@ KVP_API kvp_status kvp_plan_update(kvp_plan* plan, const kvp_batch* batch) {
     in.kv_indices = b.kv_indices;
     in.slot_mapping = b.slot_mapping;
     in.state_slots = b.state_slots;
-    return FromStatus(plan->plan.Update(in));
+    return FromStatus(plan->plan.Update(in, plan->context->exec.stream));
   });
 }
 
@@ -684,6 +696,20 @@ KVP_API kvp_status kvp_attention_create(const kvp_context* context, const kvp_at
     handle->backend = std::string(info->name);
     handle->heads = heads;
     handle->impl = std::move(*impl);
+    if (context->exec.device == Device::kCuda && info->name == "dense") {
+      // Size the context's split-KV scratch for these heads now: runs must not allocate.
+      const int64_t need = attn::dense::CudaWorkspaceBytes(heads);
+      if (need > context->exec.workspace_bytes) {
+        void* p = nullptr;
+        if (const int e = kv::cuda::DeviceAlloc(&p, need, context->exec.device_id); e != 0)
+          return Fail(KVP_ERR_OUT_OF_MEMORY, fmt::format("allocating {} bytes of attention workspace: {}", need,
+                                                         kv::cuda::ErrorString(e)));
+        auto* ctx = const_cast<kvp_context*>(context);  // the workspace is the context's shared scratch
+        ctx->workspace = std::unique_ptr<void, void (*)(void*)>(p, &kv::cuda::DeviceFree);
+        ctx->exec.workspace = p;
+        ctx->exec.workspace_bytes = need;
+      }
+    }
     *out_attention = handle.release();
     return KVP_OK;
   });

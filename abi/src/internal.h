@@ -18,6 +18,9 @@
 struct kvp_context {
   kvplug::attn::ExecContext exec;
   std::unique_ptr<kvplug::attn::ThreadPool> pool;
+  // CUDA: split-KV scratch shared by every attention handle of the context (they run in stream
+  // order). Grown, never shrunk, when an attention handle is created.
+  std::unique_ptr<void, void (*)(void*)> workspace{nullptr, [](void*) {}};
 };
 
 struct kvp_block_manager {
@@ -33,7 +36,8 @@ struct kvp_kv_cache {
 };
 
 struct kvp_plan {
-  explicit kvp_plan(const kvplug::attn::PlanCapacity& c) : plan(c) {}
+  kvp_plan(const kvp_context* ctx, const kvplug::attn::PlanCapacity& c) : context(ctx), plan(c) {}
+  const kvp_context* context;
   kvplug::attn::BatchPlan plan;
 };
 

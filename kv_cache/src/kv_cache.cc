@@ -5,17 +5,27 @@
 #include <new>
 
 #include "fmt/format.h"
+#include "kvplug/kv_cache/cuda_kernels.h"
+#include "kvplug/kv_cache/device.h"
 
 namespace kvplug::kv {
-namespace {
 
-std::unique_ptr<std::byte[]> AllocateZeroed(int64_t bytes) {
-  if (bytes == 0) return nullptr;
-  std::unique_ptr<std::byte[]> p(new (std::nothrow) std::byte[static_cast<size_t>(bytes)]());
-  return p;
+absl::StatusOr<KvCache::Buffer> KvCache::Allocate(int64_t bytes, Device device, int32_t device_id,
+                                                  bool pinned) {
+  if (bytes == 0) return Buffer(nullptr, [](void*) {});
+  if (device == Device::kCuda || pinned) {
+    void* p = nullptr;
+    const int e = pinned ? cuda::PinnedAlloc(&p, bytes) : cuda::DeviceAlloc(&p, bytes, device_id);
+    if (e != 0)
+      return absl::ResourceExhaustedError(fmt::format("allocating {} {} bytes failed: {}", bytes,
+                                                      pinned ? "pinned host" : "device", cuda::ErrorString(e)));
+    return Buffer(p, pinned ? &cuda::PinnedFree : &cuda::DeviceFree);
+  }
+  void* p = ::operator new[](static_cast<size_t>(bytes), std::nothrow);
+  if (!p) return absl::ResourceExhaustedError(fmt::format("allocating {} host bytes failed", bytes));
+  std::memset(p, 0, static_cast<size_t>(bytes));
+  return Buffer(p, [](void* q) { ::operator delete[](q); });
 }
-
-}  // namespace
 
 absl::Status ValidateOptions(const KvCacheOptions& o) {
   auto bad = [](std::string msg) { return absl::InvalidArgumentError(std::move(msg)); };
@@ -29,7 +39,11 @@ absl::Status ValidateOptions(const KvCacheOptions& o) {
   const auto dt = static_cast<int32_t>(o.dtype);
   if (dt < 0 || dt > 3) return bad(fmt::format("dtype={} is not a kvp_dtype", dt));
   if (o.dtype == DType::kFP8E4M3)
-    return absl::UnimplementedError("dtype=fp8_e4m3 caches need the CUDA backend");
+    return absl::UnimplementedError("dtype=fp8_e4m3 caches are not implemented yet");
+  if (o.device == Device::kCuda && o.dtype == DType::kF32)
+    return absl::UnimplementedError("CUDA caches hold float16 or bfloat16 (dtype=float32 is CPU-only)");
+  if (o.device == Device::kCuda && !BuiltWithCuda())
+    return absl::UnimplementedError("a CUDA cache needs a library built with CUDA");
   const auto layout = static_cast<int32_t>(o.layout);
   if (layout != 0 && layout != 1) return bad(fmt::format("layout={} is not a kvp_kv_layout", layout));
   if (o.num_host_blocks < 0) return bad(fmt::format("num_host_blocks={} must be >= 0", o.num_host_blocks));
@@ -88,17 +102,17 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::Create(const KvCacheOptions& o
   const int64_t layer_elems = 2LL * options.num_blocks * options.block_size * options.num_kv_heads *
                               options.head_size;
   std::vector<PagedLayer> layers;
-  std::vector<std::unique_ptr<std::byte[]>> owned;
+  std::vector<Buffer> owned;
   layers.reserve(options.num_layers);
   owned.reserve(options.num_layers);
   for (int32_t l = 0; l < options.num_layers; ++l) {
-    auto pages = AllocateZeroed(layer_elems * static_cast<int64_t>(DTypeSize(options.dtype)));
-    if (!pages)
-      return absl::ResourceExhaustedError(fmt::format(
-          "allocating layer {} of {} ({} bytes) failed", l, options.num_layers,
-          layer_elems * DTypeSize(options.dtype)));
-    layers.push_back(MakeContiguousLayer(pages.get(), options, options.num_blocks));
-    owned.push_back(std::move(pages));
+    auto pages = Allocate(layer_elems * static_cast<int64_t>(DTypeSize(options.dtype)), options.device,
+                          options.device_id, false);
+    if (!pages.ok())
+      return absl::ResourceExhaustedError(fmt::format("layer {} of {}: {}", l, options.num_layers,
+                                                      std::string(pages.status().message())));
+    layers.push_back(MakeContiguousLayer(pages->get(), options, options.num_blocks));
+    owned.push_back(std::move(*pages));
   }
   auto made = CreateExternal(options, std::move(layers));
   if (!made.ok()) return made.status();
@@ -118,19 +132,20 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::CreateExternal(const KvCacheOp
                              options.num_kv_heads * options.head_size *
                              static_cast<int64_t>(DTypeSize(options.dtype));
   cache->host_layers_.reserve(options.num_layers);
+  // Host swap pages are pinned for CUDA caches so swaps run asynchronously on the stream.
+  const bool pinned = options.device == Device::kCuda;
   for (int32_t l = 0; l < options.num_layers; ++l) {
-    auto pages = AllocateZeroed(host_bytes);
-    if (host_bytes > 0 && !pages)
-      return absl::ResourceExhaustedError(
-          fmt::format("allocating {} host swap bytes for layer {} failed", host_bytes, l));
-    cache->host_layers_.push_back(MakeContiguousLayer(pages.get(), options, options.num_host_blocks));
-    cache->owned_.push_back(std::move(pages));
+    auto pages = Allocate(host_bytes, Device::kCpu, 0, pinned && host_bytes > 0);
+    if (!pages.ok())
+      return absl::ResourceExhaustedError(fmt::format("host swap pages of layer {}: {}", l, std::string(pages.status().message())));
+    cache->host_layers_.push_back(MakeContiguousLayer(pages->get(), options, options.num_host_blocks));
+    cache->owned_.push_back(std::move(*pages));
   }
   const int64_t state_bytes =
       static_cast<int64_t>(options.num_layers) * options.num_state_slots * options.state_bytes_per_layer;
-  cache->state_ = AllocateZeroed(state_bytes);
-  if (state_bytes > 0 && !cache->state_)
-    return absl::ResourceExhaustedError(fmt::format("allocating {} state bytes failed", state_bytes));
+  auto state = Allocate(state_bytes, options.device, options.device_id, false);
+  if (!state.ok()) return state.status();
+  cache->state_ = std::move(*state);
   return cache;
 }
 
@@ -141,8 +156,57 @@ absl::Status KvCache::CheckLayer(int32_t layer) const {
   return absl::OkStatus();
 }
 
+absl::Status KvCache::LaunchWrite(const PagedLayer& pages, const TensorView& key, const TensorView& value,
+                                  const int64_t* device_slots, int64_t num_tokens, void* stream) const {
+    cuda::KvWriteParams p;
+    p.page_dtype = static_cast<int32_t>(pages.dtype);
+    p.input_dtype = static_cast<int32_t>(key.dtype);
+    if (value.dtype != key.dtype)
+      return absl::InvalidArgumentError(fmt::format("key dtype {} differs from value dtype {}",
+                                                    DTypeName(key.dtype), DTypeName(value.dtype)));
+    p.key = key.data;
+    p.value = value.data;
+    p.k_stride_token = key.strides[0];
+    p.k_stride_head = key.strides[1];
+    p.v_stride_token = value.strides[0];
+    p.v_stride_head = value.strides[1];
+    p.k_pages = pages.Row(0, 0, 0, 0);
+    p.v_pages = pages.Row(1, 0, 0, 0);
+    p.kv_stride_block = pages.stride_block;
+    p.kv_stride_pos = pages.stride_pos;
+    p.kv_stride_head = pages.stride_head;
+    p.slot_mapping = device_slots;
+    p.num_tokens = static_cast<int32_t>(num_tokens);
+    p.num_slots = static_cast<int64_t>(options_.num_blocks) * options_.block_size;
+    p.num_kv_heads = options_.num_kv_heads;
+    p.head_size = options_.head_size;
+    p.block_size = options_.block_size;
+    // 16-byte vector moves need 16-byte aligned rows; otherwise the kernel takes its scalar path.
+    const bool aligned = reinterpret_cast<uintptr_t>(key.data) % 16 == 0 && reinterpret_cast<uintptr_t>(value.data) % 16 == 0 &&
+                         key.strides[0] % 8 == 0 && key.strides[1] % 8 == 0 && value.strides[0] % 8 == 0 &&
+                         value.strides[1] % 8 == 0;
+    p.vectorized = aligned && p.input_dtype == p.page_dtype && options_.head_size % 8 == 0;
+    if (const int e = cuda::LaunchKvWrite(p, stream); e != 0)
+      return absl::InternalError(fmt::format("KV write kernel: {}", cuda::ErrorString(e)));
+    return absl::OkStatus();
+  }
+
+absl::Status KvCache::WriteDeviceSlots(int32_t layer, const TensorView& key, const TensorView& value,
+                                       const int64_t* device_slots, int64_t num_tokens, void* stream) {
+  if (absl::Status s = CheckLayer(layer); !s.ok()) return s;
+  if (options_.device != Device::kCuda)
+    return absl::InvalidArgumentError("slots in device memory need a CUDA cache");
+  for (const TensorView* v : {&key, &value})
+    if (v->ndim != 3 || v->shape[0] != num_tokens || v->shape[1] != options_.num_kv_heads ||
+        v->shape[2] != options_.head_size || v->strides[2] != 1)
+      return absl::InvalidArgumentError(fmt::format("{}: expected [{}, {}, {}] with a contiguous last axis",
+                                                    v == &key ? "key" : "value", num_tokens,
+                                                    options_.num_kv_heads, options_.head_size));
+  return LaunchWrite(layers_[layer], key, value, device_slots, num_tokens, stream);
+}
+
 absl::Status KvCache::Write(int32_t layer, const TensorView& key, const TensorView& value,
-                            absl::Span<const int64_t> slots) {
+                            absl::Span<const int64_t> slots, const int64_t* device_slots, void* stream) {
   if (absl::Status s = CheckLayer(layer); !s.ok()) return s;
   const int64_t capacity = static_cast<int64_t>(options_.num_blocks) * options_.block_size;
   for (size_t i = 0; i < slots.size(); ++i) {
@@ -164,6 +228,10 @@ absl::Status KvCache::Write(int32_t layer, const TensorView& key, const TensorVi
   }
   const PagedLayer& pages = layers_[layer];
   const int64_t d = options_.head_size;
+  if (options_.device == Device::kCuda) {
+    if (!device_slots) return absl::InvalidArgumentError("a CUDA cache write needs the slots in device memory");
+    return LaunchWrite(pages, key, value, device_slots, static_cast<int64_t>(slots.size()), stream);
+  }
   for (size_t t = 0; t < slots.size(); ++t) {
     if (slots[t] < 0) continue;
     const int64_t block = slots[t] / options_.block_size;
@@ -197,38 +265,67 @@ absl::Status KvCache::CheckCopies(absl::Span<const paged::BlockCopy> copies, int
   return absl::OkStatus();
 }
 
-void KvCache::CopyBlock(const PagedLayer& from, int32_t src, const PagedLayer& to, int32_t dst) {
-  const size_t row_bytes = static_cast<size_t>(from.head_size) * DTypeSize(from.dtype);
-  for (int kv = 0; kv < 2; ++kv)
-    for (int64_t pos = 0; pos < from.block_size; ++pos)
-      for (int64_t h = 0; h < from.num_kv_heads; ++h)
-        std::memmove(to.Row(kv, dst, pos, h), from.Row(kv, src, pos, h), row_bytes);
+absl::Status KvCache::Move(void* dst, const void* src, int64_t bytes, void* stream) const {
+  if (options_.device == Device::kCpu) {
+    std::memmove(dst, src, static_cast<size_t>(bytes));
+    return absl::OkStatus();
+  }
+  if (const int e = cuda::MemcpyAsync(dst, src, bytes, stream); e != 0)
+    return absl::InternalError(fmt::format("cudaMemcpyAsync of {} bytes: {}", bytes, cuda::ErrorString(e)));
+  return absl::OkStatus();
 }
 
-absl::Status KvCache::CopyBlocks(absl::Span<const paged::BlockCopy> copies) {
+absl::Status KvCache::CopyBlock(const PagedLayer& from, int32_t src, const PagedLayer& to, int32_t dst,
+                                void* stream) const {
+  const int64_t elem = static_cast<int64_t>(DTypeSize(from.dtype));
+  const int64_t row_bytes = from.head_size * elem;
+  // Packed blocks (kvplug's own pages, and packed caller tensors) move as one copy per K and V.
+  const bool packed = from.stride_head == from.head_size && to.stride_head == to.head_size &&
+                      from.stride_pos == from.stride_head * from.num_kv_heads &&
+                      to.stride_pos == to.stride_head * to.num_kv_heads;
+  for (int kv = 0; kv < 2; ++kv) {
+    if (packed) {
+      if (absl::Status s = Move(to.Row(kv, dst, 0, 0), from.Row(kv, src, 0, 0),
+                                from.stride_pos * from.block_size * elem, stream);
+          !s.ok())
+        return s;
+      continue;
+    }
+    for (int64_t pos = 0; pos < from.block_size; ++pos)
+      for (int64_t h = 0; h < from.num_kv_heads; ++h)
+        if (absl::Status s = Move(to.Row(kv, dst, pos, h), from.Row(kv, src, pos, h), row_bytes, stream); !s.ok())
+          return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvCache::CopyBlocks(absl::Span<const paged::BlockCopy> copies, void* stream) {
   if (absl::Status s = CheckCopies(copies, options_.num_blocks, options_.num_blocks, "copy_blocks");
       !s.ok())
     return s;
   for (const PagedLayer& l : layers_)
-    for (const auto& c : copies) CopyBlock(l, c.src, l, c.dst);
+    for (const auto& c : copies)
+      if (absl::Status s = CopyBlock(l, c.src, l, c.dst, stream); !s.ok()) return s;
   return absl::OkStatus();
 }
 
-absl::Status KvCache::SwapOut(absl::Span<const paged::BlockCopy> copies) {
+absl::Status KvCache::SwapOut(absl::Span<const paged::BlockCopy> copies, void* stream) {
   if (absl::Status s = CheckCopies(copies, options_.num_blocks, options_.num_host_blocks, "swap_out");
       !s.ok())
     return s;
   for (int32_t l = 0; l < options_.num_layers; ++l)
-    for (const auto& c : copies) CopyBlock(layers_[l], c.src, host_layers_[l], c.dst);
+    for (const auto& c : copies)
+      if (absl::Status s = CopyBlock(layers_[l], c.src, host_layers_[l], c.dst, stream); !s.ok()) return s;
   return absl::OkStatus();
 }
 
-absl::Status KvCache::SwapIn(absl::Span<const paged::BlockCopy> copies) {
+absl::Status KvCache::SwapIn(absl::Span<const paged::BlockCopy> copies, void* stream) {
   if (absl::Status s = CheckCopies(copies, options_.num_host_blocks, options_.num_blocks, "swap_in");
       !s.ok())
     return s;
   for (int32_t l = 0; l < options_.num_layers; ++l)
-    for (const auto& c : copies) CopyBlock(host_layers_[l], c.src, layers_[l], c.dst);
+    for (const auto& c : copies)
+      if (absl::Status s = CopyBlock(host_layers_[l], c.src, layers_[l], c.dst, stream); !s.ok()) return s;
   return absl::OkStatus();
 }
 
@@ -243,7 +340,7 @@ absl::StatusOr<absl::Span<uint8_t>> KvCache::State(int32_t layer, int32_t slot) 
   return absl::Span<uint8_t>(base, static_cast<size_t>(bytes));
 }
 
-absl::Status KvCache::CopyState(int32_t src_slot, int32_t dst_slot) {
+absl::Status KvCache::CopyState(int32_t src_slot, int32_t dst_slot, void* stream) {
   for (int32_t slot : {src_slot, dst_slot})
     if (slot < 0 || slot >= options_.num_state_slots)
       return absl::OutOfRangeError(fmt::format("state slot={} out of range [0, {}) (copy {} -> {})",
@@ -251,7 +348,8 @@ absl::Status KvCache::CopyState(int32_t src_slot, int32_t dst_slot) {
   for (int32_t l = 0; l < options_.num_layers; ++l) {
     auto src = *State(l, src_slot);
     auto dst = *State(l, dst_slot);
-    if (!src.empty()) std::memmove(dst.data(), src.data(), src.size());
+    if (!src.empty())
+      if (absl::Status s = Move(dst.data(), src.data(), static_cast<int64_t>(src.size()), stream); !s.ok()) return s;
   }
   return absl::OkStatus();
 }

@@ -11,7 +11,8 @@
 namespace kvplug::attn {
 
 absl::Status AttentionBackend::WriteKv(const WriteArgs& args) const {
-  return args.cache.Write(args.layer, args.key, args.value, args.plan.slot_mapping());
+  return args.cache.Write(args.layer, args.key, args.value, args.plan.slot_mapping(),
+                          args.plan.device_slot_mapping(), args.exec.stream);
 }
 
 std::span<const BackendInfo> Backends() {
@@ -51,6 +52,8 @@ absl::Status CheckCache(const HeadConfig& h, const BatchPlan& plan, const kv::Kv
   if (o.block_size != plan.block_size())
     return absl::InvalidArgumentError(fmt::format("plan block_size={} but the cache's is {}",
                                                   plan.block_size(), o.block_size));
+  if (o.device == Device::kCuda && !plan.on_device())
+    return absl::InvalidArgumentError("the plan was created on the CPU but the cache lives on a CUDA device");
   if (plan.max_block_id() >= o.num_blocks)
     return absl::OutOfRangeError(fmt::format("the plan references block {} but the cache has {} blocks",
                                              plan.max_block_id(), o.num_blocks));

@@ -2,7 +2,10 @@
 
 #include <algorithm>
 
+#include <tuple>
+
 #include "fmt/format.h"
+#include "kvplug/kv_cache/cuda_kernels.h"
 
 namespace kvplug::attn {
 namespace {
@@ -29,8 +32,62 @@ BatchPlan::BatchPlan(const PlanCapacity& c)
       slot_mapping_(c.max_num_tokens),
       state_slots_(c.max_num_seqs) {}
 
-absl::Status BatchPlan::Update(const BatchInput& in) {
+struct BatchPlan::DeviceMirror {
+  void* query_start_loc = nullptr;
+  void* seq_lens = nullptr;
+  void* kv_indptr = nullptr;
+  void* kv_indices = nullptr;
+  void* slot_mapping = nullptr;
+};
+
+void BatchPlan::DeviceMirrorDeleter::operator()(DeviceMirror* m) const {
+  for (void* p : {m->query_start_loc, m->seq_lens, m->kv_indptr, m->kv_indices, m->slot_mapping})
+    kv::cuda::DeviceFree(p);
+  delete m;
+}
+
+absl::Status BatchPlan::EnableDevice(int32_t device_id) {
+  std::unique_ptr<DeviceMirror, DeviceMirrorDeleter> m(new DeviceMirror);
+  const std::pair<void**, int64_t> buffers[] = {
+      {&m->query_start_loc, (capacity_.max_num_seqs + 1) * 4LL},
+      {&m->seq_lens, capacity_.max_num_seqs * 4LL},
+      {&m->kv_indptr, (capacity_.max_num_seqs + 1) * 4LL},
+      {&m->kv_indices, capacity_.max_num_blocks * 4LL},
+      {&m->slot_mapping, capacity_.max_num_tokens * 8LL}};
+  for (const auto& [ptr, bytes] : buffers)
+    if (const int e = kv::cuda::DeviceAlloc(ptr, bytes, device_id); e != 0)
+      return absl::ResourceExhaustedError(
+          fmt::format("plan: allocating {} device bytes failed: {}", bytes, kv::cuda::ErrorString(e)));
+  device_ = std::move(m);
+  return absl::OkStatus();
+}
+
+const int32_t* BatchPlan::device_query_start_loc() const { return device_ ? static_cast<const int32_t*>(device_->query_start_loc) : nullptr; }
+const int32_t* BatchPlan::device_seq_lens() const { return device_ ? static_cast<const int32_t*>(device_->seq_lens) : nullptr; }
+const int32_t* BatchPlan::device_kv_indptr() const { return device_ ? static_cast<const int32_t*>(device_->kv_indptr) : nullptr; }
+const int32_t* BatchPlan::device_kv_indices() const { return device_ ? static_cast<const int32_t*>(device_->kv_indices) : nullptr; }
+const int64_t* BatchPlan::device_slot_mapping() const { return device_ ? static_cast<const int64_t*>(device_->slot_mapping) : nullptr; }
+
+absl::Status BatchPlan::Upload(void* stream) {
+  // From the plan's own host vectors: pageable memory, so the copies are staged before these calls
+  // return and the next Update may overwrite the vectors safely.
+  const std::tuple<void*, const void*, int64_t> copies[] = {
+      {device_->query_start_loc, query_start_loc_.data(), (num_seqs_ + 1) * 4LL},
+      {device_->seq_lens, seq_lens_.data(), num_seqs_ * 4LL},
+      {device_->kv_indptr, kv_indptr_.data(), (num_seqs_ + 1) * 4LL},
+      {device_->kv_indices, kv_indices_.data(), kv_indptr_[num_seqs_] * 4LL},
+      {device_->slot_mapping, slot_mapping_.data(), has_slot_mapping_ ? num_tokens_ * 8LL : 0}};
+  for (const auto& [dst, src, bytes] : copies) {
+    if (bytes == 0) continue;
+    if (const int e = kv::cuda::MemcpyAsync(dst, src, bytes, stream); e != 0)
+      return absl::InternalError(fmt::format("plan upload of {} bytes: {}", bytes, kv::cuda::ErrorString(e)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status BatchPlan::Update(const BatchInput& in, void* stream) {
   absl::Status s = Fill(in);
+  if (s.ok() && device_) s = Upload(stream);
   if (!s.ok()) {
     num_seqs_ = 0;
     num_tokens_ = 0;
@@ -60,6 +117,7 @@ absl::Status BatchPlan::Fill(const BatchInput& in) {
   int64_t blocks = 0;
   int32_t max_block = -1;
   int32_t max_len = 0;
+  int32_t max_q = 0;
   for (int32_t b = 0; b < b_count; ++b) {
     const int32_t q0 = in.query_start_loc[b], q1 = in.query_start_loc[b + 1];
     if (q1 < q0)
@@ -100,6 +158,7 @@ absl::Status BatchPlan::Fill(const BatchInput& in) {
     for (int32_t t = q0; t < q1; ++t) token_seq_[t] = b;
     blocks += need;
     max_len = std::max(max_len, len);
+    max_q = std::max(max_q, q1 - q0);
   }
   const int32_t num_tokens = in.query_start_loc[b_count];
   query_start_loc_[b_count] = num_tokens;
@@ -125,6 +184,7 @@ absl::Status BatchPlan::Fill(const BatchInput& in) {
   block_size_ = in.block_size;
   max_block_id_ = max_block;
   max_seq_len_ = max_len;
+  max_q_len_ = max_q;
   num_tokens_ = num_tokens;
   num_seqs_ = b_count;
   return absl::OkStatus();

@@ -112,12 +112,20 @@ absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCpu(const HeadConfig& he
   return std::make_unique<DenseCpu>(heads, config);
 }
 
+int64_t CudaWorkspaceBytes(const HeadConfig& heads) {
+  constexpr int64_t kPartialRows = 2048;  // token x split rows of partial results
+  return kPartialRows * heads.num_q_heads * (heads.head_size + 1) * 4;
+}
+
 BackendInfo Info() {
   BackendInfo info;
   info.name = "dense";
   info.dtype_mask = (1u << static_cast<int>(DType::kF32)) | (1u << static_cast<int>(DType::kF16)) |
                     (1u << static_cast<int>(DType::kBF16));
   info.device_mask = 1u << static_cast<int>(Device::kCpu);
+#ifdef KVP_HAVE_CUDA
+  info.device_mask |= 1u << static_cast<int>(Device::kCuda);
+#endif
   info.head_sizes = kHeadSizes;
   info.supports_lse = true;
   info.needs_state_slots = false;
@@ -127,8 +135,10 @@ BackendInfo Info() {
     if (const auto* c = std::get_if<DenseConfig>(&config)) dense = *c;
     else if (!std::holds_alternative<std::monostate>(config))
       return absl::InvalidArgumentError("dense: the config is not a DenseConfig");
-    if (device != Device::kCpu)
-      return absl::UnimplementedError("dense: no CUDA kernels in this build");
+#ifdef KVP_HAVE_CUDA
+    if (device == Device::kCuda) return CreateCuda(heads, dense);
+#endif
+    if (device != Device::kCpu) return absl::UnimplementedError("dense: no CUDA kernels in this build");
     return CreateCpu(heads, dense);
   };
   return info;

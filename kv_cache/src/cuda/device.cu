@@ -16,4 +16,13 @@ int32_t CudaDeviceCount() {
   return count;
 }
 
+int32_t CudaSmCount(int32_t device) {
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
+    return 1;
+  }
+  return n;
+}
+
 }  // namespace kvplug::kv

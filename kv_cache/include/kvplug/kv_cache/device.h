@@ -8,5 +8,7 @@ namespace kvplug::kv {
 bool BuiltWithCuda();
 // Number of visible CUDA devices; 0 without CUDA, without a driver or without a GPU.
 int32_t CudaDeviceCount();
+// Multiprocessors of CUDA device `device` (1 when unknown).
+int32_t CudaSmCount(int32_t device);
 
 }  // namespace kvplug::kv

@@ -32,6 +32,8 @@ struct KvCacheOptions {
   int32_t num_host_blocks = 0;
   int32_t num_state_slots = 0;
   int64_t state_bytes_per_layer = 0;
+  Device device = Device::kCpu;  // where the pages and state live; host swap pages are pinned on CUDA
+  int32_t device_id = 0;
 };
 
 absl::Status ValidateOptions(const KvCacheOptions& options);
@@ -74,36 +76,54 @@ class KvCache {
   KvCache& operator=(const KvCache&) = delete;
 
   const KvCacheOptions& options() const { return options_; }
-  Device device() const { return Device::kCpu; }
+  Device device() const { return options_.device; }
   const PagedLayer& layer(int32_t l) const { return layers_[l]; }
   const PagedLayer& host_layer(int32_t l) const { return host_layers_[l]; }
 
-  // key/value: 3-d [num_tokens, num_kv_heads, head_size] views (any float dtype, head contiguous);
-  // slots: block * block_size + offset, -1 skips. Every slot is checked before any write.
+  // key/value: 3-d [num_tokens, num_kv_heads, head_size] views (any float dtype, head contiguous)
+  // on the cache's device; slots: block * block_size + offset, -1 skips, in host memory (every slot
+  // is checked before any write). On CUDA, `device_slots` holds the same slots in device memory
+  // and the write is launched on `stream`.
   absl::Status Write(int32_t layer, const TensorView& key, const TensorView& value,
-                     absl::Span<const int64_t> slots);
+                     absl::Span<const int64_t> slots, const int64_t* device_slots = nullptr,
+                     void* stream = nullptr);
+
+  // CUDA only: slots given in device memory alone (kvp_kv_cache_write with a device slot tensor).
+  // They cannot be checked on the host without a synchronization: the kernel skips out-of-range
+  // slots instead, so a bad slot never writes outside the pages.
+  absl::Status WriteDeviceSlots(int32_t layer, const TensorView& key, const TensorView& value,
+                                const int64_t* device_slots, int64_t num_tokens, void* stream);
 
   // Block copies within device pages, device -> host, host -> device; all layers. Every index is
-  // checked before anything moves.
-  absl::Status CopyBlocks(absl::Span<const paged::BlockCopy> copies);
-  absl::Status SwapOut(absl::Span<const paged::BlockCopy> copies);
-  absl::Status SwapIn(absl::Span<const paged::BlockCopy> copies);
+  // checked before anything moves. On CUDA they are queued on `stream` (the caller synchronizes
+  // before reading host pages).
+  absl::Status CopyBlocks(absl::Span<const paged::BlockCopy> copies, void* stream = nullptr);
+  absl::Status SwapOut(absl::Span<const paged::BlockCopy> copies, void* stream = nullptr);
+  absl::Status SwapIn(absl::Span<const paged::BlockCopy> copies, void* stream = nullptr);
 
+  // The bytes of a state slot, on the cache's device.
   absl::StatusOr<absl::Span<uint8_t>> State(int32_t layer, int32_t slot);
-  absl::Status CopyState(int32_t src_slot, int32_t dst_slot);
+  absl::Status CopyState(int32_t src_slot, int32_t dst_slot, void* stream = nullptr);
 
  private:
   KvCache(const KvCacheOptions& options, std::vector<PagedLayer> layers);
   absl::Status CheckLayer(int32_t layer) const;
   absl::Status CheckCopies(absl::Span<const paged::BlockCopy> copies, int32_t num_src,
                            int32_t num_dst, const char* what) const;
-  static void CopyBlock(const PagedLayer& from, int32_t src, const PagedLayer& to, int32_t dst);
+  absl::Status CopyBlock(const PagedLayer& from, int32_t src, const PagedLayer& to, int32_t dst,
+                         void* stream) const;
+  absl::Status LaunchWrite(const PagedLayer& pages, const TensorView& key, const TensorView& value,
+                           const int64_t* device_slots, int64_t num_tokens, void* stream) const;
+  absl::Status Move(void* dst, const void* src, int64_t bytes, void* stream) const;
+
+  using Buffer = std::unique_ptr<void, void (*)(void*)>;
+  static absl::StatusOr<Buffer> Allocate(int64_t bytes, Device device, int32_t device_id, bool pinned);
 
   KvCacheOptions options_;
   std::vector<PagedLayer> layers_;
   std::vector<PagedLayer> host_layers_;
-  std::vector<std::unique_ptr<std::byte[]>> owned_;  // owned device (CPU) pages, host pages
-  std::unique_ptr<std::byte[]> state_;               // [num_layers][num_state_slots][bytes]
+  std::vector<Buffer> owned_;           // owned device pages, host swap pages
+  Buffer state_{nullptr, [](void*) {}};  // [num_layers][num_state_slots][bytes], on the device
 };
 
 }  // namespace kvplug::kv

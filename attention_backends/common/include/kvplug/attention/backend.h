@@ -32,6 +32,11 @@ struct ExecContext {
   int32_t device_id = 0;
   ThreadPool* pool = nullptr;
   void* stream = nullptr;
+  // CUDA: device scratch for split-KV partial results (sized when backends are created) and the
+  // device's multiprocessor count (to size work partitions).
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
+  int32_t num_sms = 0;
 };
 
 struct RunArgs {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -36,8 +37,12 @@ class BatchPlan {
   static absl::Status ValidateCapacity(const PlanCapacity& capacity);
   explicit BatchPlan(const PlanCapacity& capacity);  // capacity must be valid
 
-  // On failure the plan is left empty (num_seqs() == 0), so a stale plan is never run.
-  absl::Status Update(const BatchInput& input);
+  // Allocates device mirrors of the plan's arrays (at creation, never per step).
+  absl::Status EnableDevice(int32_t device_id);
+
+  // On failure the plan is left empty (num_seqs() == 0), so a stale plan is never run. With device
+  // mirrors, the arrays are also queued for upload on `stream` (the caller's order is kept).
+  absl::Status Update(const BatchInput& input, void* stream = nullptr);
 
   const PlanCapacity& capacity() const { return capacity_; }
   bool empty() const { return num_seqs_ == 0; }
@@ -61,9 +66,23 @@ class BatchPlan {
     return {state_slots_.data(), has_state_slots_ ? size_t(num_seqs_) : 0};
   }
   int32_t max_state_slot() const { return max_state_slot_; }
+  int32_t max_q_len() const { return max_q_len_; }
+
+  // Device mirrors (nullptr without EnableDevice).
+  bool on_device() const { return device_ != nullptr; }
+  const int32_t* device_query_start_loc() const;
+  const int32_t* device_seq_lens() const;
+  const int32_t* device_kv_indptr() const;
+  const int32_t* device_kv_indices() const;
+  const int64_t* device_slot_mapping() const;
 
  private:
   absl::Status Fill(const BatchInput& input);
+  absl::Status Upload(void* stream);
+  struct DeviceMirror;
+  struct DeviceMirrorDeleter {
+    void operator()(DeviceMirror* m) const;
+  };
 
   PlanCapacity capacity_;
   int32_t num_seqs_ = 0;
@@ -72,6 +91,8 @@ class BatchPlan {
   int32_t max_block_id_ = -1;
   int32_t max_seq_len_ = 0;
   int32_t max_state_slot_ = -1;
+  int32_t max_q_len_ = 0;
+  std::unique_ptr<DeviceMirror, DeviceMirrorDeleter> device_;
   bool has_slot_mapping_ = false;
   bool has_state_slots_ = false;
   std::vector<int32_t> query_start_loc_;

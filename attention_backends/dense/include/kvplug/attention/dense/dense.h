@@ -12,4 +12,10 @@ BackendInfo Info();
 absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCpu(const HeadConfig& heads,
                                                             const DenseConfig& config);
 
+// CUDA kernels (only in builds with CUDA; elsewhere Info() does not advertise the device).
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCuda(const HeadConfig& heads,
+                                                             const DenseConfig& config);
+// Device scratch the CUDA path wants in the context's workspace for these heads.
+int64_t CudaWorkspaceBytes(const HeadConfig& heads);
+
 }  // namespace kvplug::attn::dense
