@@ -1,0 +1,3 @@
+module kvplug.dev/kvplug
+
+go 1.19
