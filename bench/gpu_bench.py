@@ -93,7 +93,7 @@ def dl_tensor(t, keep):
                     shape, strides, 0)
 
 
-def median_ms(fn, iters=30, warmup=5):
+def median_ms(fn, iters=60, warmup=10):
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
