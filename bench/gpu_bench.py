@@ -244,6 +244,7 @@ def main():
     ap.add_argument("--lib", required=True)
     ap.add_argument("--out", default=".")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=["decode", "prefill"], help="run one sweep")
     args = ap.parse_args()
     lib = Lib(args.lib)
     torch.manual_seed(0)
@@ -255,8 +256,8 @@ def main():
     prefill_shapes = [(1, 4096), (1, 16384), (1, 65536), (4, 4096)]
     if args.quick:
         decode_shapes, prefill_shapes = decode_shapes[:1], prefill_shapes[:1]
-    decode = [bench_decode(lib, B, L) for B, L in decode_shapes]
-    prefill = [bench_prefill(lib, B, L) for B, L in prefill_shapes]
+    decode = [bench_decode(lib, B, L) for B, L in decode_shapes] if args.only != "prefill" else []
+    prefill = [bench_prefill(lib, B, L) for B, L in prefill_shapes] if args.only != "decode" else []
     result = {"device": dev, "torch": torch.__version__, "copy_TBps": copy_tbps, "decode": decode, "prefill": prefill}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:

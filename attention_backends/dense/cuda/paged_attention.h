@@ -31,6 +31,7 @@ struct PagedAttentionParams {
   int32_t num_kv_heads = 0;
   int32_t head_size = 0;
   int32_t block_size = 0;
+  int32_t block_shift = -1;  // log2(block_size) when it is a power of two, else -1
   float sm_scale = 0.0f;
   int32_t window_left = -1;
   // Split-KV (flash-decoding): num_splits > 1 needs partial buffers of

@@ -64,6 +64,7 @@ class DenseCuda final : public AttentionBackend {
     p.num_kv_heads = heads_.num_kv_heads;
     p.head_size = heads_.head_size;
     p.block_size = a.plan.block_size();
+    if ((p.block_size & (p.block_size - 1)) == 0) p.block_shift = __builtin_ctz(static_cast<unsigned>(p.block_size));
     p.sm_scale = heads_.sm_scale;
     p.window_left = config_.window_left;
     p.num_tokens = a.plan.num_tokens();
