@@ -45,7 +45,8 @@ class CacheOptions(C.Structure):
     _fields_ = [("struct_size", C.c_size_t), ("num_layers", C.c_int32), ("num_blocks", C.c_int32),
                 ("block_size", C.c_int32), ("num_kv_heads", C.c_int32), ("head_size", C.c_int32),
                 ("dtype", C.c_int32), ("layout", C.c_int32), ("num_host_blocks", C.c_int32),
-                ("num_state_slots", C.c_int32), ("state_bytes_per_layer", C.c_int64)]
+                ("num_state_slots", C.c_int32), ("state_bytes_per_layer", C.c_int64),
+                ("k_scales", C.POINTER(C.c_float)), ("v_scales", C.POINTER(C.c_float))]
 
 
 class PlanOptions(C.Structure):
@@ -68,8 +69,9 @@ class AttentionOptions(C.Structure):
                 ("config_size", C.c_size_t)]
 
 
-KDLCUDA, KDLBFLOAT, KDLFLOAT = 2, 4, 2
-BF16 = 2
+KDLCUDA, KDLBFLOAT, KDLFLOAT, KDLINT = 2, 4, 2, 0
+HEAD_MAJOR_PAGES = False  # --head-major: pages stored [2, blocks, heads, block_size, d] (FlashInfer's HND)
+BF16, FP8 = 2, 3
 
 
 class Lib:
@@ -87,8 +89,8 @@ def dl_tensor(t, keep):
     shape = (C.c_int64 * t.dim())(*t.shape)
     strides = (C.c_int64 * t.dim())(*t.stride())
     keep += [shape, strides]
-    code = KDLBFLOAT if t.dtype == torch.bfloat16 else KDLFLOAT
-    bits = 32 if t.dtype == torch.float32 else 16
+    code = {torch.bfloat16: KDLBFLOAT, torch.int64: KDLINT}.get(t.dtype, KDLFLOAT)
+    bits = {torch.float32: 32, torch.int64: 64}.get(t.dtype, 16)
     return DLTensor(t.data_ptr(), DLDevice(KDLCUDA, t.device.index or 0), t.dim(), DLDataType(code, bits, 1),
                     shape, strides, 0)
 
@@ -112,19 +114,43 @@ def median_ms(fn, iters=60, warmup=10):
 class Kvplug:
     """One CUDA context, one cache built over a torch tensor (zero copy), a plan and an attention."""
 
-    def __init__(self, lib, hq, hkv, d, block_size, num_blocks, max_seqs, max_tokens, max_blocks):
+    def __init__(self, lib, hq, hkv, d, block_size, num_blocks, max_seqs, max_tokens, max_blocks, fp8_from=None):
         self.lib, self.keep = lib, []
         self.ctx, self.cache, self.plan, self.attn = C.c_void_p(), C.c_void_p(), C.c_void_p(), C.c_void_p()
         stream = torch.cuda.current_stream().cuda_stream
         lib("kvp_context_create", C.byref(ContextOptions(C.sizeof(ContextOptions), KDLCUDA, 0, 0, stream)),
             C.byref(self.ctx))
-        self.pages = torch.randn(2, num_blocks, block_size, hkv, d, device="cuda", dtype=torch.bfloat16)
-        layer = dl_tensor(self.pages, self.keep)
-        opts = CacheOptions(C.sizeof(CacheOptions), 1, num_blocks, block_size, hkv, d, BF16, 0, 0, 0, 0)
-        lib("kvp_kv_cache_create_from_tensors", self.ctx, C.byref(opts), C.byref(layer), 1, C.byref(self.cache))
+        if fp8_from is not None:
+            # kvplug-owned e4m3 pages (DLPack 0.6 has no fp8 type), written from the given bf16 pages.
+            self.pages = fp8_from
+            self.scales = (C.c_float * 1)(0.02)
+            opts = CacheOptions(C.sizeof(CacheOptions), 1, num_blocks, block_size, hkv, d, FP8, 0, 0, 0, 0,
+                                self.scales, self.scales)
+            lib("kvp_kv_cache_create", self.ctx, C.byref(opts), C.byref(self.cache))
+            slots = torch.arange(num_blocks * block_size, device="cuda", dtype=torch.int64)
+            keep = []
+            self.src = (fp8_from[0].reshape(-1, hkv, d), fp8_from[1].reshape(-1, hkv, d))  # alive until the write ran
+            k = dl_tensor(self.src[0], keep)
+            v = dl_tensor(self.src[1], keep)
+            sl = dl_tensor(slots, keep)
+            lib("kvp_kv_cache_write", self.cache, 0, C.byref(k), C.byref(v), C.byref(sl))
+            torch.cuda.synchronize()
+            self.src = None
+        else:
+            if HEAD_MAJOR_PAGES:
+                # Same logical [2, blocks, block_size, heads, d] view over head-major storage
+                # ([2, blocks, heads, block_size, d]): each head's page is one contiguous run.
+                self.pages = torch.randn(2, num_blocks, hkv, block_size, d, device="cuda",
+                                         dtype=torch.bfloat16).transpose(2, 3)
+            else:
+                self.pages = torch.randn(2, num_blocks, block_size, hkv, d, device="cuda", dtype=torch.bfloat16)
+            layer = dl_tensor(self.pages, self.keep)
+            opts = CacheOptions(C.sizeof(CacheOptions), 1, num_blocks, block_size, hkv, d, BF16, 0, 0, 0, 0, None, None)
+            lib("kvp_kv_cache_create_from_tensors", self.ctx, C.byref(opts), C.byref(layer), 1, C.byref(self.cache))
         lib("kvp_plan_create", self.ctx, C.byref(PlanOptions(C.sizeof(PlanOptions), max_seqs, max_tokens, max_blocks)),
             C.byref(self.plan))
-        ao = AttentionOptions(C.sizeof(AttentionOptions), b"dense", hq, hkv, d, BF16, 0.0, 0, None, 0)
+        ao = AttentionOptions(C.sizeof(AttentionOptions), b"dense", hq, hkv, d, BF16 if fp8_from is None else FP8,
+                              0.0, 0, None, 0)
         lib("kvp_attention_create", self.ctx, C.byref(ao), C.byref(self.attn))
         self.block_size = block_size
 
@@ -198,9 +224,17 @@ def bench_decode(lib, B, L, hq=32, hkv=8, d=128, bs=16):
     kv_bytes = B * L * hkv * d * 2 * 2
     ref = peers["cudnn"][1] if peers["cudnn"][1] is not None else peers["flash"][1]
     err = (out.float() - ref.squeeze(2).float()).abs().max().item() if ref is not None else float("nan")
-    kp.close()
     del k, v
+    # The same step over an fp8 (e4m3, scale 0.02) copy of the cache: half the bytes per token.
+    kp8 = Kvplug(lib, hq, hkv, d, bs, num_blocks, B, B, num_blocks, fp8_from=kp.pages)
+    kp8.plan_batch([1] * B, [L] * B, tables)
+    out8 = torch.empty_like(q)
+    t_fp8 = median_ms(lambda: kp8.run(q, out8))
+    err8 = (out8.float() - out.float()).abs().max().item()
+    kp8.close()
+    kp.close()
     row = {"B": B, "L": L, "kvplug_ms": t_ours, "kvplug_TBps": kv_bytes / t_ours / 1e9,
+           "fp8_ms": t_fp8, "fp8_speedup": t_ours / t_fp8, "fp8_max_abs_vs_bf16": err8,
            "flash_ms": peers["flash"][0], "flash_TBps": kv_bytes / peers["flash"][0] / 1e9,
            "cudnn_ms": peers["cudnn"][0], "cudnn_TBps": kv_bytes / peers["cudnn"][0] / 1e9, "max_abs_vs_sdpa": err}
     torch.cuda.empty_cache()
@@ -245,8 +279,11 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["decode", "prefill"], help="run one sweep")
+    ap.add_argument("--head-major", action="store_true", help="head-major page storage (strided view)")
     args = ap.parse_args()
     lib = Lib(args.lib)
+    global HEAD_MAJOR_PAGES
+    HEAD_MAJOR_PAGES = args.head_major
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}, torch {torch.__version__}")
@@ -262,12 +299,13 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
         json.dump(result, f, indent=1)
-    lines = ["| decode B x L | kvplug TB/s | flash TB/s | cuDNN TB/s | kvplug / best | max abs vs SDPA |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| decode B x L | kvplug TB/s | flash TB/s | cuDNN TB/s | kvplug / best | max abs vs SDPA | fp8 KV ms | fp8 / bf16 tokens/s | fp8 max abs vs bf16 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in decode:
         best = max(x for x in (r["flash_TBps"], r["cudnn_TBps"]) if not math.isnan(x))
         lines.append(f"| {r['B']} x {r['L']} | {r['kvplug_TBps']:.2f} ({r['kvplug_ms']:.3f} ms) | {r['flash_TBps']:.2f} | "
-                     f"{r['cudnn_TBps']:.2f} | {r['kvplug_TBps'] / best:.2f}x | {r['max_abs_vs_sdpa']:.1e} |")
+                     f"{r['cudnn_TBps']:.2f} | {r['kvplug_TBps'] / best:.2f}x | {r['max_abs_vs_sdpa']:.1e} | "
+                     f"{r['fp8_ms']:.3f} | {r['fp8_speedup']:.2f}x | {r['fp8_max_abs_vs_bf16']:.1e} |")
     lines += ["", "| prefill B x L | kvplug TFLOP/s | flash TFLOP/s | cuDNN TFLOP/s | vs flash | vs cuDNN | max abs vs SDPA |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in prefill:

@@ -1,11 +1,24 @@
 // Backend configs: FlatBuffers binary (verified before it is read) or JSON parsed against the schema
 // compiled into the library, then translated once into the plain C++ config of the backend.
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "flatbuffers/idl.h"
 #include "fmt/format.h"
 #include "internal.h"
 #include "kvplug_config_generated.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define KVP_LSAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(leak_sanitizer)
+#define KVP_LSAN 1
+#endif
+#endif
+#ifdef KVP_LSAN
+#include <sanitizer/lsan_interface.h>
+#endif
 
 namespace kvplug::abi {
 extern const char kConfigSchema[];
@@ -96,6 +109,15 @@ kvp_status Translate(const fb::AttentionConfig& config, std::string_view backend
 kvp_status FromBinary(const uint8_t* data, size_t size, std::string_view backend, attn::BackendConfig* out) {
   if (size < 8 || size > (size_t{1} << 30))
     return Invalid(fmt::format("binary config of {} bytes: too short or too long", size));
+  // FlatBuffers reads scalars in place and assumes an aligned buffer (its verifier checks offsets
+  // relative to the buffer's start): a buffer the caller did not align to 8 bytes is copied into one
+  // that is (configs are small and read once), so no misaligned load happens wherever it lies.
+  std::vector<uint64_t> aligned;
+  if (reinterpret_cast<uintptr_t>(data) % alignof(uint64_t) != 0) {
+    aligned.resize((size + 7) / 8);
+    std::memcpy(aligned.data(), data, size);
+    data = reinterpret_cast<const uint8_t*>(aligned.data());
+  }
   if (!fb::AttentionConfigBufferHasIdentifier(data))
     return Invalid(fmt::format("binary config lacks the file identifier \"{}\" (finish the buffer with it)",
                                fb::AttentionConfigIdentifier()));
@@ -119,18 +141,30 @@ kvp_status ParseConfig(std::string_view backend, int32_t format, const void* dat
     case KVP_CONFIG_JSON: {
       if (!data) return Fail(KVP_ERR_INVALID_ARGUMENT, "config is NULL with config_format=KVP_CONFIG_JSON");
       if (size > (size_t{1} << 24)) return Invalid(fmt::format("JSON config of {} bytes is too long", size));
-      // Parsers are not shared between threads: a fresh one per call (configs are not on a hot path).
-      flatbuffers::IDLOptions options;
-      options.strict_json = false;
-      flatbuffers::Parser parser(options);
-      if (!parser.Parse(kConfigSchema))
-        return Fail(KVP_ERR_INTERNAL, "the built-in schema does not parse: " + parser.error_);
       const std::string text(static_cast<const char*>(data), size);
       if (text.find('\0') != std::string::npos)
         return Invalid("JSON config contains a NUL byte before config_size");
-      if (!parser.ParseJson(text.c_str()))
-        return Invalid("JSON config does not match the schema: " + parser.error_);
-      return FromBinary(parser.builder_.GetBufferPointer(), parser.builder_.GetSize(), backend, out);
+      // Parsers are not shared between threads: a fresh one per call (configs are not on a hot path).
+      flatbuffers::IDLOptions options;
+      options.strict_json = false;
+      auto parser = std::make_unique<flatbuffers::Parser>(options);
+      try {
+        if (!parser->Parse(kConfigSchema))
+          return Fail(KVP_ERR_INTERNAL, "the built-in schema does not parse: " + parser->error_);
+        if (!parser->ParseJson(text.c_str()))
+          return Invalid("JSON config does not match the schema: " + parser->error_);
+      } catch (...) {
+        // FlatBuffers' parser is not exception-safe (2.0.8: a std::bad_alloc while it defines the
+        // schema's enums leaves an enum value owned twice, and its destructor frees it twice). After
+        // an exception it is leaked, not destroyed: memory lost on an out-of-memory path, not a crash.
+        flatbuffers::Parser* leaked = parser.release();
+#ifdef KVP_LSAN
+        __lsan_ignore_object(leaked);
+#endif
+        (void)leaked;
+        throw;
+      }
+      return FromBinary(parser->builder_.GetBufferPointer(), parser->builder_.GetSize(), backend, out);
     }
     default:
       return Fail(KVP_ERR_INVALID_ARGUMENT,

@@ -1,5 +1,6 @@
 // DLTensors are checked field by field before anything reads them: a wrong tensor is an error
 // message naming the field and its value, never a crash or a silent misread.
+#include <cstring>
 #include <limits>
 
 #include "fmt/format.h"
@@ -9,10 +10,20 @@
 namespace kvplug::abi {
 namespace {
 
+// The caller's device type as the integer it is: C callers may store any value in the enum field, and
+// loading one that is not an enumerator through the C++ enum type is undefined behaviour.
+int32_t DeviceType(const DLDevice& d) {
+  static_assert(sizeof(d.device_type) == sizeof(int32_t));
+  int32_t v;
+  std::memcpy(&v, &d.device_type, sizeof v);
+  return v;
+}
+
 bool DeviceMatches(const DLDevice& d, const kvp_context* context) {
   const Device want = context ? context->exec.device : Device::kCpu;
-  if (want == Device::kCpu) return d.device_type == kDLCPU || d.device_type == kDLCUDAHost;
-  return d.device_type == kDLCUDA && d.device_id == (context ? context->exec.device_id : 0);
+  const int32_t type = DeviceType(d);
+  if (want == Device::kCpu) return type == kDLCPU || type == kDLCUDAHost;
+  return type == kDLCUDA && d.device_id == (context ? context->exec.device_id : 0);
 }
 
 std::string DescribeDtype(const DLDataType& t) {
@@ -28,7 +39,7 @@ kvp_status ToTensorView(const DLTensor* t, const char* name, const kvp_context* 
   if (!DeviceMatches(t->device, context))
     return Fail(KVP_ERR_INVALID_ARGUMENT,
                 fmt::format("{}: device (type={}, id={}) is not the context's device (type={}, id={})", name,
-                            static_cast<int>(t->device.device_type), t->device.device_id,
+                            DeviceType(t->device), t->device.device_id,
                             context ? static_cast<int>(context->exec.device) : 1,
                             context ? context->exec.device_id : 0));
   DType dtype;
@@ -101,7 +112,7 @@ kvp_status CheckSlotMapping(const DLTensor* t, int64_t num_tokens, const kvp_con
   if (!t) return Fail(KVP_ERR_INVALID_ARGUMENT, "slot_mapping is NULL");
   if (!DeviceMatches(t->device, context))
     return Fail(KVP_ERR_INVALID_ARGUMENT, fmt::format("slot_mapping: device type {} is not the context's",
-                                                      static_cast<int>(t->device.device_type)));
+                                                      DeviceType(t->device)));
   if (t->dtype.code != kDLInt || t->dtype.bits != 64 || t->dtype.lanes != 1)
     return Fail(KVP_ERR_INVALID_ARGUMENT,
                 fmt::format("slot_mapping: dtype {} must be int64", DescribeDtype(t->dtype)));

@@ -2,6 +2,7 @@
 // calls the layer below. Nothing below this file sees a C struct or a DLTensor.
 #include <cmath>
 #include <new>
+#include <system_error>
 
 #include "fmt/format.h"
 #include "internal.h"
@@ -116,7 +117,11 @@ KVP_API kvp_status kvp_context_create(const kvp_context_options* options, kvp_co
       return Fail(KVP_ERR_NOT_SUPPORTED,
                   fmt::format("device_type={} is not kDLCPU (1) or kDLCUDA (2)", o.device_type));
     }
-    ctx->pool = std::make_unique<attn::ThreadPool>(o.device_type == kDLCPU ? o.num_threads : 1);
+    try {
+      ctx->pool = std::make_unique<attn::ThreadPool>(o.device_type == kDLCPU ? o.num_threads : 1);
+    } catch (const std::system_error& e) {
+      return Fail(KVP_ERR_OUT_OF_MEMORY, fmt::format("starting the CPU worker threads failed: {}", e.what()));
+    }
     if (ctx->exec.device == Device::kCuda) ctx->exec.num_sms = kv::CudaSmCount(o.device_id);
     ctx->exec.pool = ctx->pool.get();
     *out_context = ctx.release();
@@ -424,7 +429,7 @@ KVP_API kvp_status kvp_block_manager_stats_get(const kvp_block_manager* manager,
 extern "C++" {
 namespace {
 
-kvp_status ToCacheOptions(const kvp_kv_cache_options* options, kv::KvCacheOptions* out) {
+kvp_status ToCacheOptions(const kvp_context* context, const kvp_kv_cache_options* options, kv::KvCacheOptions* out) {
   kvp_kv_cache_options o{};
   KVP_RETURN_IF_ERROR(ReadOptions(options, "options", &o));
   KVP_RETURN_IF_ERROR(CheckDType(o.dtype, "dtype"));
@@ -440,6 +445,14 @@ kvp_status ToCacheOptions(const kvp_kv_cache_options* options, kv::KvCacheOption
   out->num_host_blocks = o.num_host_blocks;
   out->num_state_slots = o.num_state_slots;
   out->state_bytes_per_layer = o.state_bytes_per_layer;
+  out->device = context->exec.device;
+  out->device_id = context->exec.device_id;
+  // Fields appended in ABI 0.2: read only when the caller's struct has them.
+  if (options->struct_size >= offsetof(kvp_kv_cache_options, v_scales) + sizeof(o.v_scales) && o.num_layers > 0 &&
+      o.num_layers <= (1 << 20)) {
+    if (o.k_scales) out->k_scales.assign(o.k_scales, o.k_scales + std::max(o.num_layers, 0));
+    if (o.v_scales) out->v_scales.assign(o.v_scales, o.v_scales + std::max(o.num_layers, 0));
+  }
   return FromStatus(kv::ValidateOptions(*out));
 }
 
@@ -468,10 +481,7 @@ KVP_API kvp_status kvp_kv_cache_create(const kvp_context* context, const kvp_kv_
   return Guard(__func__, [&] {
     KVP_REQUIRE(context && out_cache, "context and out_cache are required");
     kv::KvCacheOptions o;
-    KVP_RETURN_IF_ERROR(ToCacheOptions(options, &o));
-    o.device = context->exec.device;
-    o.device_id = context->exec.device_id;
-    KVP_RETURN_IF_ERROR(FromStatus(kv::ValidateOptions(o)));
+    KVP_RETURN_IF_ERROR(ToCacheOptions(context, options, &o));
     return FinishCache(context, kv::KvCache::Create(o), out_cache);
   });
 }
@@ -482,10 +492,7 @@ KVP_API kvp_status kvp_kv_cache_create_from_tensors(const kvp_context* context, 
   return Guard(__func__, [&] {
     KVP_REQUIRE(context && out_cache && layer_tensors, "context, layer_tensors and out_cache are required");
     kv::KvCacheOptions o;
-    KVP_RETURN_IF_ERROR(ToCacheOptions(options, &o));
-    o.device = context->exec.device;
-    o.device_id = context->exec.device_id;
-    KVP_RETURN_IF_ERROR(FromStatus(kv::ValidateOptions(o)));
+    KVP_RETURN_IF_ERROR(ToCacheOptions(context, options, &o));
     KVP_REQUIRE(num_layer_tensors == o.num_layers, "num_layer_tensors={} but num_layers={}", num_layer_tensors,
                 o.num_layers);
     std::vector<kv::PagedLayer> layers;

@@ -1,10 +1,12 @@
 #include "kvplug/kv_cache/kv_cache.h"
 
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <new>
 
 #include "fmt/format.h"
+#include "kvplug/kv_cache/alloc_hook.h"
 #include "kvplug/kv_cache/cuda_kernels.h"
 #include "kvplug/kv_cache/device.h"
 
@@ -13,6 +15,8 @@ namespace kvplug::kv {
 absl::StatusOr<KvCache::Buffer> KvCache::Allocate(int64_t bytes, Device device, int32_t device_id,
                                                   bool pinned) {
   if (bytes == 0) return Buffer(nullptr, [](void*) {});
+  if (ShouldFailAllocation())
+    return absl::ResourceExhaustedError(fmt::format("allocating {} bytes failed (injected)", bytes));
   if (device == Device::kCuda || pinned) {
     void* p = nullptr;
     const int e = pinned ? cuda::PinnedAlloc(&p, bytes) : cuda::DeviceAlloc(&p, bytes, device_id);
@@ -38,8 +42,16 @@ absl::Status ValidateOptions(const KvCacheOptions& o) {
     return bad(fmt::format("head_size={} must be in [1, 1024]", o.head_size));
   const auto dt = static_cast<int32_t>(o.dtype);
   if (dt < 0 || dt > 3) return bad(fmt::format("dtype={} is not a kvp_dtype", dt));
-  if (o.dtype == DType::kFP8E4M3)
-    return absl::UnimplementedError("dtype=fp8_e4m3 caches are not implemented yet");
+  if (o.dtype == DType::kFP8E4M3 && o.device != Device::kCuda)
+    return absl::UnimplementedError("dtype=fp8_e4m3 caches live on CUDA devices only");
+  for (const auto* scales : {&o.k_scales, &o.v_scales}) {
+    if (!scales->empty() && static_cast<int32_t>(scales->size()) != o.num_layers)
+      return bad(fmt::format("{} scales given for num_layers={}", scales->size(), o.num_layers));
+    for (size_t l = 0; l < scales->size(); ++l)
+      if (!std::isfinite((*scales)[l]) || !((*scales)[l] > 0.0f))
+        return bad(fmt::format("{}[{}]={} must be finite and > 0", scales == &o.k_scales ? "k_scales" : "v_scales", l,
+                               (*scales)[l]));
+  }
   if (o.device == Device::kCuda && o.dtype == DType::kF32)
     return absl::UnimplementedError("CUDA caches hold float16 or bfloat16 (dtype=float32 is CPU-only)");
   if (o.device == Device::kCuda && !BuiltWithCuda())
@@ -126,7 +138,8 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::CreateExternal(const KvCacheOp
   if (static_cast<int32_t>(layers.size()) != options.num_layers)
     return absl::InvalidArgumentError(fmt::format("{} layer tensors given for num_layers={}",
                                                   layers.size(), options.num_layers));
-  std::unique_ptr<KvCache> cache(new (std::nothrow) KvCache(options, std::move(layers)));
+  std::unique_ptr<KvCache> cache(ShouldFailAllocation() ? nullptr
+                                                        : new (std::nothrow) KvCache(options, std::move(layers)));
   if (!cache) return absl::ResourceExhaustedError("allocating the cache object failed");
   const int64_t host_bytes = 2LL * options.num_host_blocks * options.block_size *
                              options.num_kv_heads * options.head_size *
@@ -178,6 +191,9 @@ absl::Status KvCache::LaunchWrite(const PagedLayer& pages, const TensorView& key
     p.slot_mapping = device_slots;
     p.num_tokens = static_cast<int32_t>(num_tokens);
     p.num_slots = static_cast<int64_t>(options_.num_blocks) * options_.block_size;
+    const int32_t layer = static_cast<int32_t>(&pages - layers_.data());
+    p.k_inv_scale = 1.0f / k_scale(layer);
+    p.v_inv_scale = 1.0f / v_scale(layer);
     p.num_kv_heads = options_.num_kv_heads;
     p.head_size = options_.head_size;
     p.block_size = options_.block_size;

@@ -57,6 +57,31 @@ uint64_t HashBlock(uint64_t parent, uint64_t extra_key, const int32_t* tokens, i
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Allocation failures must leave the manager as it was, so every allocation of a mutating call
+// happens before its first change. Two helpers make room ahead of time:
+//
+// Grows `v` (geometrically) so that it holds `n` elements without allocating again.
+template <class T>
+void ReserveVector(std::vector<T>& v, size_t n) {
+  if (v.capacity() < n) v.reserve(std::max(n, 2 * v.capacity()));
+}
+
+// Makes room for `k` more entries in `m`, so that inserting them allocates nothing. Abseil's own
+// growth is not exception-safe (20220623: raw_hash_set::resize sets the new capacity before it
+// allocates, so a std::bad_alloc leaves a table whose capacity overstates its storage, which the
+// destructor then frees as if it were its own). A table built at its final size instead fails, if
+// it must, in its constructor, before anything changes.
+template <class Map>
+void ReserveForInserts(Map& m, size_t k) {
+  const size_t need = m.size() + k;
+  // A table of capacity > 16 that stays <= 25/32 full at most rehashes in place (dropping
+  // tombstones) on insert: no allocation.
+  if (m.capacity() > 16 && need * 32 <= m.capacity() * 25) return;
+  Map bigger(std::max<size_t>(2 * need, 32));
+  for (auto& entry : m) bigger.emplace(entry.first, std::move(entry.second));
+  m.swap(bigger);
+}
+
 }  // namespace
 
 struct BlockManager::Impl {
@@ -95,7 +120,12 @@ struct BlockManager::Impl {
   int64_t prefix_hit_blocks = 0;
   int64_t num_evictions = 0;
 
-  explicit Impl(const BlockManagerOptions& o) : opts(o), caching(o.enable_prefix_caching) {
+  // The prefix cache never holds more than one entry per device block: sized once, at most half
+  // full, it never grows (see ReserveForInserts for why growing is avoided).
+  explicit Impl(const BlockManagerOptions& o)
+      : opts(o),
+        caching(o.enable_prefix_caching),
+        prefix_map(o.enable_prefix_caching ? std::max<size_t>(2 * static_cast<size_t>(o.num_device_blocks), 32) : 0) {
     const int32_t n = o.num_device_blocks;
     ref.assign(n, 0);
     state.assign(n, BlockState::kFree);
@@ -109,7 +139,6 @@ struct BlockManager::Impl {
     for (int32_t b = o.num_host_blocks - 1; b >= 0; --b) free_host_blocks.push_back(b);
     free_state_slots.reserve(o.num_state_slots);
     for (int32_t s = o.num_state_slots - 1; s >= 0; --s) free_state_slots.push_back(s);
-    if (caching) prefix_map.reserve(n);
   }
 
   int32_t bs() const { return opts.block_size; }
@@ -360,8 +389,10 @@ absl::StatusOr<int64_t> BlockManager::Allocate(uint64_t seq_id, absl::Span<const
         num_tokens, fresh, hits, available));
   }
 
-  // Commit.
+  // Allocations first (a failure changes nothing), then commit.
   seq.blocks.reserve(num_blocks);
+  if (m.caching) seq.tokens.assign(token_ids.begin(), token_ids.end());
+  ReserveForInserts(m.seqs, 1);
   for (int64_t i = 0; i < hits; ++i) {
     const int32_t b = m.prefix_map.find(seq.hashes[i])->second;
     m.Acquire(b);
@@ -375,7 +406,6 @@ absl::StatusOr<int64_t> BlockManager::Allocate(uint64_t seq_id, absl::Span<const
   if (m.caching) {
     m.prefix_queried_blocks += num_full;
     m.prefix_hit_blocks += hits;
-    seq.tokens.assign(token_ids.begin(), token_ids.end());
   }
   seq.num_tokens = num_tokens;
   seq.extra_key = extra_key;
@@ -425,6 +455,12 @@ absl::StatusOr<std::optional<BlockCopy>> BlockManager::Append(uint64_t seq_id,
 
   const int32_t bs = m.bs();
   const int64_t cur = s.num_tokens;
+  // Allocations first (a failure changes nothing).
+  ReserveVector(s.blocks, static_cast<size_t>(CeilDiv(cur + num_tokens, bs)));
+  if (m.caching) {
+    ReserveVector(s.tokens, static_cast<size_t>(cur + num_tokens));
+    ReserveVector(s.hashes, static_cast<size_t>((cur + num_tokens) / bs));
+  }
   std::optional<BlockCopy> copy;
   if (cur % bs != 0 && m.ref[s.blocks.back()] > 1) {
     const int32_t old_block = s.blocks.back();
@@ -474,6 +510,7 @@ absl::Status BlockManager::MarkComputed(uint64_t seq_id, int64_t num_computed_to
 
 absl::Status BlockManager::Fork(uint64_t parent_id, uint64_t child_id) {
   Impl& m = *impl_;
+  ReserveForInserts(m.seqs, 1);  // first: it may move the parent
   auto p = m.FindResident(parent_id);
   if (!p.ok()) return p.status();
   if (m.seqs.contains(child_id)) {

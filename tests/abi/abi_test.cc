@@ -1488,7 +1488,8 @@ TEST_F(Abi, AttentionCreateRejectsBadOptions) {
   o = AttnOptions(4, 2, 32, 9);
   EXPECT_KVP(api.kvp_attention_create(ctx.get(), &o, &a), KVP_ERR_INVALID_ARGUMENT, "kv_dtype=9");
   o = AttnOptions(4, 2, 32, KVP_DTYPE_FP8_E4M3);
-  EXPECT_KVP(api.kvp_attention_create(ctx.get(), &o, &a), KVP_ERR_NOT_SUPPORTED, "kv_dtype=3");
+  // FP8 is a CUDA-only cache format: whether the dtype or the device is refused, it is NOT_SUPPORTED.
+  EXPECT_KVP(api.kvp_attention_create(ctx.get(), &o, &a), KVP_ERR_NOT_SUPPORTED, "dense");
   o = AttnOptions(4, 2, 32);
   o.sm_scale = -1.0f;
   EXPECT_KVP(api.kvp_attention_create(ctx.get(), &o, &a), KVP_ERR_INVALID_ARGUMENT, "sm_scale=-1");

@@ -51,10 +51,27 @@ class DenseGpu : public ::testing::Test {
 
 struct Case {
   int hq, hkv, d, block_size;
-  kvp_dtype dtype;
+  kvp_dtype dtype;                        // of queries, outputs, and the cache unless fp8
   std::vector<std::pair<int, int>> seqs;  // (kv_len, q_len)
   int window_left = -1;
+  bool fp8 = false;  // GPU cache in e4m3 with scales; the CPU reference gets the dequantized values
 };
+
+// Host e4m3 rounding as __nv_fp8_e4m3(float) does it: nearest even, saturating at +-448.
+float QuantizeE4M3(float x) {
+  if (std::isnan(x)) return x;
+  const float a = std::min(std::fabs(x), 448.0f);
+  float q;
+  if (a < 0.015625f) {  // below 2^-6: subnormal steps of 2^-9
+    q = std::nearbyint(a * 512.0f) / 512.0f;
+  } else {
+    int e;
+    std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
+    const float step = std::ldexp(1.0f, e - 4);  // 3 mantissa bits
+    q = std::min(std::nearbyint(a / step) * step, 448.0f);
+  }
+  return std::copysign(q, x);
+}
 
 DLDataType Dl(kvp_dtype t) {
   return t == KVP_DTYPE_BFLOAT16 ? DLDataType{kDLBfloat, 16, 1} : DLDataType{kDLFloat, 16, 1};
@@ -113,17 +130,28 @@ void RunCase(kvp_context* gpu, kvp_context* cpu, const Case& c, uint32_t seed, R
   kvp_kv_cache_options co{sizeof(co)};
   co.num_layers = 1; co.num_blocks = num_blocks; co.block_size = c.block_size; co.num_kv_heads = c.hkv;
   co.head_size = c.d; co.dtype = c.dtype; co.layout = KVP_LAYOUT_KV_FIRST;
+  const float k_scale = 0.02f, v_scale = 0.015f;
+  kvp_kv_cache_options gco = co, cco = co;
+  if (c.fp8) {
+    gco.dtype = KVP_DTYPE_FP8_E4M3;
+    gco.k_scales = &k_scale;
+    gco.v_scales = &v_scale;
+    cco.dtype = KVP_DTYPE_FLOAT32;
+  }
   kvp_kv_cache *gcache, *ccache;
-  KVP_OK_OR_FAIL(kvp_kv_cache_create(gpu, &co, &gcache));
-  KVP_OK_OR_FAIL(kvp_kv_cache_create(cpu, &co, &ccache));
+  KVP_OK_OR_FAIL(kvp_kv_cache_create(gpu, &gco, &gcache));
+  KVP_OK_OR_FAIL(kvp_kv_cache_create(cpu, &cco, &ccache));
   kvp_attention_options ao{sizeof(ao)};
   ao.backend = "dense"; ao.num_q_heads = c.hq; ao.num_kv_heads = c.hkv; ao.head_size = c.d; ao.kv_dtype = c.dtype;
   std::string config = "{\"backend_config_type\":\"DenseConfig\",\"backend_config\":{\"window_left\":" +
                        std::to_string(c.window_left) + "}}";
   ao.config_format = KVP_CONFIG_JSON; ao.config = config.data(); ao.config_size = config.size();
   kvp_attention *gattn, *cattn;
-  KVP_OK_OR_FAIL(kvp_attention_create(gpu, &ao, &gattn));
-  KVP_OK_OR_FAIL(kvp_attention_create(cpu, &ao, &cattn));
+  kvp_attention_options gao = ao, cao = ao;
+  gao.kv_dtype = gco.dtype;
+  cao.kv_dtype = cco.dtype;
+  KVP_OK_OR_FAIL(kvp_attention_create(gpu, &gao, &gattn));
+  KVP_OK_OR_FAIL(kvp_attention_create(cpu, &cao, &cattn));
   kvp_plan_options po{sizeof(po), B, std::max(T, 1), std::max(total_blocks, 1)};
   kvp_plan *gplan, *cplan;
   KVP_OK_OR_FAIL(kvp_plan_create(gpu, &po, &gplan));
@@ -138,6 +166,14 @@ void RunCase(kvp_context* gpu, kvp_context* cpu, const Case& c, uint32_t seed, R
   int64_t kv_shape[3] = {kv_tokens, c.hkv, c.d}, slot_shape[1] = {kv_tokens};
   DLTensor hk{k.data(), {kDLCPU, 0}, 3, Dl(c.dtype), kv_shape, nullptr, 0};
   DLTensor hv{v.data(), {kDLCPU, 0}, 3, Dl(c.dtype), kv_shape, nullptr, 0};
+  // fp8: the reference holds exactly what the GPU pages hold, dequantized.
+  std::vector<float> kq, vq;
+  if (c.fp8) {
+    for (uint16_t x : k) kq.push_back(QuantizeE4M3(kvplug::LoadAsFloat(&x, Dt(c.dtype), 0) * (1.0f / k_scale)) * k_scale);
+    for (uint16_t x : v) vq.push_back(QuantizeE4M3(kvplug::LoadAsFloat(&x, Dt(c.dtype), 0) * (1.0f / v_scale)) * v_scale);
+    hk = DLTensor{kq.data(), {kDLCPU, 0}, 3, {kDLFloat, 32, 1}, kv_shape, nullptr, 0};
+    hv = DLTensor{vq.data(), {kDLCPU, 0}, 3, {kDLFloat, 32, 1}, kv_shape, nullptr, 0};
+  }
   DLTensor hs{slots.data(), {kDLCPU, 0}, 1, {kDLInt, 64, 1}, slot_shape, nullptr, 0};
   KVP_OK_OR_FAIL(kvp_kv_cache_write(ccache, 0, &hk, &hv, &hs));
   Device16 dk(kv_elems * 2), dv(kv_elems * 2), ds(slots.size() * 8), dq(q_elems * 2), dout(q_elems * 2),
@@ -257,6 +293,18 @@ TEST_F(DenseGpu, LongSequence100kSplitKv) {
   Result r;
   ASSERT_NO_FATAL_FAILURE(RunCase(gpu_, cpu_, c, 3, &r));
   Expect(c, r, "one 100k-token sequence, decode");
+}
+
+TEST_F(DenseGpu, Fp8CacheAgainstDequantizedReference) {
+  for (kvp_dtype dt : {KVP_DTYPE_BFLOAT16, KVP_DTYPE_FLOAT16})
+    for (int d : {64, 128, 256}) {
+      Case c{32, 8, d, 16, dt, {{3000, 1}, {1, 1}, {65, 65}, {400, 17}, {20000, 1}}};
+      c.fp8 = true;
+      Result r;
+      ASSERT_NO_FATAL_FAILURE(RunCase(gpu_, cpu_, c, 31 + d, &r));
+      Expect(c, r, std::string("fp8 cache, ") + (dt == KVP_DTYPE_BFLOAT16 ? "bf16" : "f16") + " queries d=" +
+                       std::to_string(d));
+    }
 }
 
 TEST_F(DenseGpu, SlidingWindow) {

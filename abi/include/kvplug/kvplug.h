@@ -46,7 +46,7 @@ extern "C" {
  * ---------------------------------------------------------------------------------------------- */
 
 #define KVP_ABI_VERSION_MAJOR 0
-#define KVP_ABI_VERSION_MINOR 1
+#define KVP_ABI_VERSION_MINOR 2
 #define KVP_ABI_VERSION_PATCH 0
 /* major * 10000 + minor * 100 + patch, as zstd's ZSTD_VERSION_NUMBER. */
 #define KVP_ABI_VERSION_NUMBER \
@@ -92,7 +92,7 @@ typedef enum kvp_dtype {
   KVP_DTYPE_FLOAT32 = 0,
   KVP_DTYPE_FLOAT16 = 1,
   KVP_DTYPE_BFLOAT16 = 2,
-  KVP_DTYPE_FP8_E4M3 = 3 /* reserved for GPU caches with scales */
+  KVP_DTYPE_FP8_E4M3 = 3 /* CUDA caches only, with per-layer scales (kvp_kv_cache_options) */
 } kvp_dtype;
 
 /* The number of registered attention backends (dense, star, attamba, kv_shift, entropy as built). */
@@ -118,7 +118,10 @@ KVP_API kvp_status kvp_backend_info_get(const char* name, kvp_backend_info* out_
 /* ------------------------------------------------------------------------------------------------
  * Context: a device and the stream work is launched on.
  * Thread safety: every call that takes a context only reads it, except kvp_context_set_stream,
- * which must not race with other calls using the context.
+ * which must not race with other calls using the context, and kvp_attention_create on a CUDA
+ * context, which may grow the context's shared device workspace (do not run attention on the
+ * context meanwhile; create every attention handle before capturing runs in a CUDA graph). On
+ * CUDA the caller's current device must be the context's device.
  * ---------------------------------------------------------------------------------------------- */
 
 typedef struct kvp_context kvp_context;
@@ -313,6 +316,11 @@ typedef struct kvp_kv_cache_options {
   int32_t num_host_blocks;       /* >= 0 host swap blocks per layer */
   int32_t num_state_slots;       /* >= 0 */
   int64_t state_bytes_per_layer; /* >= 0 bytes of each state slot, per layer */
+  /* Since ABI 0.2. KVP_DTYPE_FP8_E4M3 caches (CUDA only) store K / k_scale and V / v_scale;
+   * attention reads them back multiplied by the scale. Host arrays of num_layers scales, copied at
+   * creation; NULL means 1.0 for every layer. Ignored by other dtypes. */
+  const float* k_scales;
+  const float* v_scales;
 } kvp_kv_cache_options;
 
 /* A cache whose pages kvplug allocates (zero-filled) on the context's device. */
@@ -331,14 +339,19 @@ KVP_API kvp_status kvp_kv_cache_create_from_tensors(const kvp_context* context,
 
 KVP_API void kvp_kv_cache_destroy(kvp_kv_cache* cache);
 
-/* A view of layer `layer`'s device pages (`host` = 0) or host swap pages (`host` = 1). Its shape and
- * strides pointers stay valid until the cache is destroyed. */
+/* A view of layer `layer`'s device pages (`host` = 0) or host swap pages (`host` = 1; pinned,
+ * kDLCUDAHost, for CUDA caches). Its shape and strides pointers stay valid until the cache is
+ * destroyed. fp8 pages are described as uint8. */
 KVP_API kvp_status kvp_kv_cache_layer_view(const kvp_kv_cache* cache, int32_t layer, int32_t host,
                                            DLTensor* out_view);
 
 /* Write new keys and values ([num_tokens, num_kv_heads, head_size], float32/float16/bfloat16,
  * converted to the cache dtype) of `layer` to the slots in `slot_mapping` ([num_tokens] int64;
- * -1 skips a token). All slots are checked before anything is written. vLLM's reshape_and_cache. */
+ * -1 skips a token), all on the cache's device. vLLM's reshape_and_cache. On the CPU every slot is
+ * checked before anything is written (KVP_ERR_OUT_OF_RANGE). On CUDA the slots live in device
+ * memory and cannot be read without a synchronization: the kernel skips slots outside the cache
+ * instead (never writing out of bounds) and the call does not report them; kvp_attention_write_kv
+ * checks the plan's host-side slot mapping and reports them. */
 KVP_API kvp_status kvp_kv_cache_write(kvp_kv_cache* cache, int32_t layer, const DLTensor* key,
                                       const DLTensor* value, const DLTensor* slot_mapping);
 
@@ -346,7 +359,9 @@ KVP_API kvp_status kvp_kv_cache_write(kvp_kv_cache* cache, int32_t layer, const 
 KVP_API kvp_status kvp_kv_cache_copy_blocks(kvp_kv_cache* cache, const kvp_block_copy* copies,
                                             int32_t num_copies);
 
-/* Swap plans from the block manager: device -> host (out) and host -> device (in), every layer. */
+/* Swap plans from the block manager: device -> host (out) and host -> device (in), every layer.
+ * On CUDA, copies (and kvp_kv_cache_copy_blocks, kvp_kv_cache_copy_state) are queued on the
+ * context's stream: synchronize it before reading host pages or reusing swapped-out blocks. */
 KVP_API kvp_status kvp_kv_cache_swap_out(kvp_kv_cache* cache, const kvp_block_copy* copies,
                                          int32_t num_copies);
 KVP_API kvp_status kvp_kv_cache_swap_in(kvp_kv_cache* cache, const kvp_block_copy* copies,

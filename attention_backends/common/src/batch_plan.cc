@@ -5,6 +5,7 @@
 #include <tuple>
 
 #include "fmt/format.h"
+#include "kvplug/kv_cache/alloc_hook.h"
 #include "kvplug/kv_cache/cuda_kernels.h"
 
 namespace kvplug::attn {
@@ -54,10 +55,13 @@ absl::Status BatchPlan::EnableDevice(int32_t device_id) {
       {&m->kv_indptr, (capacity_.max_num_seqs + 1) * 4LL},
       {&m->kv_indices, capacity_.max_num_blocks * 4LL},
       {&m->slot_mapping, capacity_.max_num_tokens * 8LL}};
-  for (const auto& [ptr, bytes] : buffers)
+  for (const auto& [ptr, bytes] : buffers) {
+    if (ShouldFailAllocation())
+      return absl::ResourceExhaustedError(fmt::format("plan: allocating {} device bytes failed (injected)", bytes));
     if (const int e = kv::cuda::DeviceAlloc(ptr, bytes, device_id); e != 0)
       return absl::ResourceExhaustedError(
           fmt::format("plan: allocating {} device bytes failed: {}", bytes, kv::cuda::ErrorString(e)));
+  }
   device_ = std::move(m);
   return absl::OkStatus();
 }

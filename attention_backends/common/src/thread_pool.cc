@@ -1,6 +1,9 @@
 #include "kvplug/attention/thread_pool.h"
 
 #include <algorithm>
+#include <system_error>
+
+#include "kvplug/kv_cache/alloc_hook.h"
 
 namespace kvplug::attn {
 
@@ -8,10 +11,22 @@ ThreadPool::ThreadPool(int32_t num_threads) {
   int32_t n = num_threads > 0 ? num_threads : static_cast<int32_t>(std::thread::hardware_concurrency());
   n = std::clamp(n, 1, 256);
   workers_.reserve(n - 1);
-  for (int32_t i = 1; i < n; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+  try {
+    for (int32_t i = 1; i < n; ++i) {
+      if (ShouldFailAllocation())
+        throw std::system_error(std::make_error_code(std::errc::resource_unavailable_try_again),
+                                "starting a worker thread (injected)");
+      workers_.emplace_back([this] { WorkerLoop(); });
+    }
+  } catch (...) {
+    Stop();  // a started (joinable) std::thread must be joined before it is destroyed
+    throw;
+  }
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::~ThreadPool() { Stop(); }
+
+void ThreadPool::Stop() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stop_ = true;

@@ -8,6 +8,7 @@
 // merge), both with optional split-KV across CTAs merged by a second kernel (flash-decoding).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -38,6 +39,11 @@ template <> struct Traits<__half> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
   static __device__ __forceinline__ void Store(__half* p, float v) { *p = __float2half_rn(v); }
+  // Two e4m3 values to two halves: exact (every e4m3 value is a half).
+  static __device__ __forceinline__ uint32_t FromFp8x2(uint16_t x) {
+    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x), __NV_E4M3);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
 };
 template <> struct Traits<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
@@ -53,6 +59,12 @@ template <> struct Traits<__nv_bfloat16> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
   static __device__ __forceinline__ void Store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+  // Two e4m3 values to two bfloat16: exact (3 mantissa bits, exponents within range).
+  static __device__ __forceinline__ uint32_t FromFp8x2(uint16_t x) {
+    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x), __NV_E4M3);
+    const float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
+    return Pack(f.x, f.y);
+  }
 };
 
 __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
@@ -89,7 +101,7 @@ __device__ __forceinline__ int SwizzledOffset(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) & (kChunks - 1)) * 8;
 }
 
-template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES = 2>
+template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES = 2, bool FP8 = false>
 struct Config {
   static constexpr int kStages = STAGES;
   static constexpr int kAtoms = BLOCK_M / (WARPS_M * 16);  // 16-row MMA atoms per warp
@@ -100,24 +112,29 @@ struct Config {
   static constexpr int kDTiles = D / 8;                // O n-tiles per warp
   static constexpr int kQSmem = BLOCK_M * D;
   static constexpr int kKvSmem = BLOCK_N * D;          // one of K or V, one stage
-  static constexpr int kSmemBytes = (kQSmem + 2 * STAGES * kKvSmem) * sizeof(T);
+  // fp8 pages stream through byte-sized stages and are widened into one K/V buffer of T per tile.
+  static constexpr int kStageBytes = FP8 ? 2 * STAGES * kKvSmem : 2 * STAGES * kKvSmem * (int)sizeof(T);
+  static constexpr int kKvRegionBytes = kStageBytes + (FP8 ? 2 * kKvSmem * (int)sizeof(T) : 0);
+  static constexpr int kSmemBytes = kQSmem * sizeof(T) + kKvRegionBytes;
   static_assert(BLOCK_M % (WARPS_M * 16) == 0, "each warp owns whole 16-row atoms");
   static_assert(WARPS_N == 1 || kAtoms == 1, "the split-key merge assumes one atom per warp");
   static_assert(kWarpCols % 16 == 0, "P -> A fragments need 16-key steps");
   // The cross-warp merge reuses the K/V stages: [WARPS_N][16 * WARPS_M][D] floats plus stats.
-  static_assert(WARPS_N == 1 || WARPS_N * BLOCK_M * (D + 2) * 4 <= 2 * STAGES * kKvSmem * (int)sizeof(T),
+  static_assert(WARPS_N == 1 || WARPS_N * BLOCK_M * (D + 2) * 4 <= kKvRegionBytes,
                 "merge buffer must fit in the K/V stages");
 };
 
-template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES>
+template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES, bool FP8>
 __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
     PagedAttentionKernel(const PagedAttentionParams p) {
-  using Cfg = Config<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES>;
+  using Cfg = Config<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, FP8>;
   using Tr = Traits<T>;
   constexpr int A = Cfg::kAtoms;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_smem = reinterpret_cast<T*>(smem_raw);
-  T* kv_smem = q_smem + Cfg::kQSmem;  // [stage][K|V][BLOCK_N * D]
+  T* kv_smem = q_smem + Cfg::kQSmem;  // [stage][K|V][BLOCK_N * D] (bytes per element with FP8)
+  uint8_t* fp8_stages = reinterpret_cast<uint8_t*>(kv_smem);
+  T* widened = reinterpret_cast<T*>(fp8_stages + Cfg::kStageBytes);  // FP8: [K|V][BLOCK_N * D]
 
   const int group = p.num_q_heads / p.num_kv_heads;
   const int tiles_per_seq = (p.max_q_len * group + BLOCK_M - 1) / BLOCK_M;
@@ -166,6 +183,26 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
   CpAsyncCommit();
 
   auto load_kv = [&](int stage, int start) {
+    if constexpr (FP8) {
+      uint8_t* k_dst = fp8_stages + stage * 2 * Cfg::kKvSmem;
+      uint8_t* v_dst = k_dst + Cfg::kKvSmem;
+      constexpr int kChunks = D / 16;  // 16 e4m3 values per 16 bytes
+      constexpr int kRowsPerPass = Cfg::kThreads / kChunks;
+      const int c = tid % kChunks;
+      for (int r = tid / kChunks; r < BLOCK_N; r += kRowsPerPass) {
+        const int pos = start + r;
+        const bool valid = pos < kv_end;
+        const int page_index = p.block_shift >= 0 ? pos >> p.block_shift : pos / p.block_size;
+        const int in_page = p.block_shift >= 0 ? pos & (p.block_size - 1) : pos - page_index * p.block_size;
+        const int page = valid ? __ldg(pages + page_index) : 0;
+        const int64_t off = valid ? static_cast<int64_t>(page) * p.kv_stride_block + in_page * p.kv_stride_pos +
+                                        kv_head * p.kv_stride_head + c * 16
+                                  : 0;
+        CpAsync16(k_dst + r * D + c * 16, static_cast<const uint8_t*>(p.k_pages) + off, valid);
+        CpAsync16(v_dst + r * D + c * 16, static_cast<const uint8_t*>(p.v_pages) + off, valid);
+      }
+      return;
+    }
     T* k_dst = kv_smem + stage * 2 * Cfg::kKvSmem;
     T* v_dst = k_dst + Cfg::kKvSmem;
     // Each thread keeps one 16-byte column chunk and walks rows: one page lookup per row.
@@ -203,7 +240,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
       row_sum[a][h] = 0.f;
       my_pos[a][h] = kv_len - q_len + (row0 + warp_row0 + a * 16 + g + 8 * h) / group;
     }
-  const float scale_log2 = p.sm_scale * kLog2e;
+  const float scale_log2 = p.sm_scale * kLog2e * (FP8 ? p.k_scale : 1.f);
 
   const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + BLOCK_N - 1) / BLOCK_N : 0;
   // Prologue: STAGES - 1 tiles in flight before the first is used.
@@ -223,6 +260,27 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
     __syncthreads();
     const T* k_s = kv_smem + stage * 2 * Cfg::kKvSmem;
     const T* v_s = k_s + Cfg::kKvSmem;
+    if constexpr (FP8) {
+      // Widen this tile's e4m3 bytes into the swizzled T layout the MMA path reads.
+      const uint8_t* src = fp8_stages + stage * 2 * Cfg::kKvSmem;
+      for (int i = tid; i < 2 * BLOCK_N * (D / 16); i += Cfg::kThreads) {
+        const int kv = i / (BLOCK_N * (D / 16)), rem = i % (BLOCK_N * (D / 16));
+        const int r = rem / (D / 16), c16 = rem % (D / 16);
+        const uint4 bytes = *reinterpret_cast<const uint4*>(src + kv * Cfg::kKvSmem + r * D + c16 * 16);
+        const uint16_t* pairs = reinterpret_cast<const uint16_t*>(&bytes);
+        uint4 lo, hi;
+        lo.x = Tr::FromFp8x2(pairs[0]); lo.y = Tr::FromFp8x2(pairs[1]);
+        lo.z = Tr::FromFp8x2(pairs[2]); lo.w = Tr::FromFp8x2(pairs[3]);
+        hi.x = Tr::FromFp8x2(pairs[4]); hi.y = Tr::FromFp8x2(pairs[5]);
+        hi.z = Tr::FromFp8x2(pairs[6]); hi.w = Tr::FromFp8x2(pairs[7]);
+        T* dst = widened + kv * Cfg::kKvSmem;
+        *reinterpret_cast<uint4*>(dst + SwizzledOffset<D>(r, 2 * c16)) = lo;
+        *reinterpret_cast<uint4*>(dst + SwizzledOffset<D>(r, 2 * c16 + 1)) = hi;
+      }
+      __syncthreads();
+      k_s = widened;
+      v_s = widened + Cfg::kKvSmem;
+    }
 
     // S = Q K^T for this warp's rows x kWarpCols keys; each K fragment feeds every atom.
     float s[A][Cfg::kNTiles][4];
@@ -395,7 +453,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
       const int token = q_begin + row / group;
       const int head = kv_head * group + row % group;
       const float sum = row_sum[a][h];
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const float inv = sum > 0.f ? (FP8 ? p.v_scale : 1.f) / sum : 0.f;
       const float lse = sum > 0.f ? row_max[a][h] * kLn2 + logf(sum) : kNegInf;
       if (p.num_splits == 1) {
         T* out = static_cast<T*>(p.o) + token * p.o_stride_token + head * p.o_stride_head;
@@ -458,10 +516,19 @@ __global__ void __launch_bounds__(128) MergeSplitsKernel(const PagedAttentionPar
   if (p.lse && tid == 0) p.lse[token * p.lse_stride_token + head] = safe + logf(sum);
 }
 
+template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES, bool FP8>
+cudaError_t LaunchKernel(const PagedAttentionParams& p, cudaStream_t stream);
+
 template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES = 2>
 cudaError_t Launch(const PagedAttentionParams& p, cudaStream_t stream) {
-  using Cfg = Config<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES>;
-  auto kernel = PagedAttentionKernel<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES>;
+  if (p.kv_fp8) return LaunchKernel<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, true>(p, stream);
+  return LaunchKernel<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, false>(p, stream);
+}
+
+template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES, bool FP8>
+cudaError_t LaunchKernel(const PagedAttentionParams& p, cudaStream_t stream) {
+  using Cfg = Config<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, FP8>;
+  auto kernel = PagedAttentionKernel<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, FP8>;
   const int smem = Cfg::kSmemBytes;
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);

@@ -34,6 +34,10 @@ struct PagedAttentionParams {
   int32_t block_shift = -1;  // log2(block_size) when it is a power of two, else -1
   float sm_scale = 0.0f;
   int32_t window_left = -1;
+  // fp8 (e4m3) pages: real values are stored values times these scales.
+  bool kv_fp8 = false;
+  float k_scale = 1.0f;
+  float v_scale = 1.0f;
   // Split-KV (flash-decoding): num_splits > 1 needs partial buffers of
   // [num_splits, num_tokens, num_q_heads, head_size] and [num_splits, num_tokens, num_q_heads] floats.
   int32_t num_splits = 1;

@@ -106,6 +106,8 @@ class DenseCpu final : public AttentionBackend {
 absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCpu(const HeadConfig& heads,
                                                             const DenseConfig& config) {
   if (absl::Status s = ValidateHeads(Info(), heads, Device::kCpu); !s.ok()) return s;
+  if (heads.kv_dtype == DType::kFP8E4M3)
+    return absl::UnimplementedError("dense (CPU): fp8_e4m3 caches are CUDA-only");
   if (!(config.logits_soft_cap >= 0.0f) || !std::isfinite(config.logits_soft_cap))
     return absl::InvalidArgumentError(
         fmt::format("dense: logits_soft_cap={} must be finite and >= 0", config.logits_soft_cap));
@@ -125,6 +127,7 @@ BackendInfo Info() {
   info.device_mask = 1u << static_cast<int>(Device::kCpu);
 #ifdef KVP_HAVE_CUDA
   info.device_mask |= 1u << static_cast<int>(Device::kCuda);
+  info.dtype_mask |= 1u << static_cast<int>(DType::kFP8E4M3);  // CUDA caches only
 #endif
   info.head_sizes = kHeadSizes;
   info.supports_lse = true;

@@ -26,9 +26,11 @@ class DenseCuda final : public AttentionBackend {
 
   absl::Status Run(const RunArgs& a) const override {
     if (!a.plan.on_device()) return absl::InvalidArgumentError("dense (CUDA): the plan has no device arrays");
-    if (a.query.dtype != heads_.kv_dtype)
-      return absl::InvalidArgumentError(fmt::format("dense (CUDA): query dtype {} must equal the cache dtype {}",
-                                                    DTypeName(a.query.dtype), DTypeName(heads_.kv_dtype)));
+    const bool fp8 = heads_.kv_dtype == DType::kFP8E4M3;
+    if (fp8 ? (a.query.dtype != DType::kF16 && a.query.dtype != DType::kBF16) : a.query.dtype != heads_.kv_dtype)
+      return absl::InvalidArgumentError(fmt::format(
+          "dense (CUDA): query dtype {} must be {} with a {} cache", DTypeName(a.query.dtype),
+          fp8 ? "float16 or bfloat16" : DTypeName(heads_.kv_dtype), DTypeName(heads_.kv_dtype)));
     if (absl::Status s = CheckVectorizable(a.query, "query"); !s.ok()) return s;
     if (absl::Status s = CheckVectorizable(a.out, "out"); !s.ok()) return s;
     if (a.lse && a.lse->strides[1] != 1)
@@ -39,7 +41,10 @@ class DenseCuda final : public AttentionBackend {
       return absl::InvalidArgumentError("dense (CUDA): cache pages must have 16-byte aligned rows");
 
     cuda::PagedAttentionParams p;
-    p.dtype = heads_.kv_dtype == DType::kBF16 ? cuda::ElemType::kBF16 : cuda::ElemType::kF16;
+    p.dtype = a.query.dtype == DType::kBF16 ? cuda::ElemType::kBF16 : cuda::ElemType::kF16;
+    p.kv_fp8 = fp8;
+    p.k_scale = a.cache.k_scale(a.layer);
+    p.v_scale = a.cache.v_scale(a.layer);
     p.q = a.query.data;
     p.o = a.out.data;
     p.lse = a.lse ? static_cast<float*>(a.lse->data) : nullptr;
@@ -89,8 +94,8 @@ class DenseCuda final : public AttentionBackend {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateCuda(const HeadConfig& heads, const DenseConfig& config) {
-  if (heads.kv_dtype != DType::kF16 && heads.kv_dtype != DType::kBF16)
-    return absl::UnimplementedError(fmt::format("dense (CUDA): kv_dtype {} not supported (float16, bfloat16)",
+  if (heads.kv_dtype != DType::kF16 && heads.kv_dtype != DType::kBF16 && heads.kv_dtype != DType::kFP8E4M3)
+    return absl::UnimplementedError(fmt::format("dense (CUDA): kv_dtype {} not supported (float16, bfloat16, fp8_e4m3)",
                                                 DTypeName(heads.kv_dtype)));
   if (heads.head_size != 64 && heads.head_size != 128 && heads.head_size != 256)
     return absl::UnimplementedError(

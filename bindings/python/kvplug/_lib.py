@@ -35,7 +35,7 @@ from .errors import LibraryLoadError, error_for_status
 #: The ABI major version this binding was written for (KVP_ABI_VERSION_MAJOR of kvplug.h).
 ABI_VERSION_MAJOR = 0
 #: The minor version whose header this binding mirrors (newer minors only add things).
-ABI_VERSION_MINOR = 1
+ABI_VERSION_MINOR = 2
 
 # ------------------------------------------------------------------------------------------------
 # DLPack (dlpack/dlpack.h). DLTensor's layout is the same in DLPack 0.x and 1.x.
@@ -188,6 +188,9 @@ class kvp_kv_cache_options(_Sized):
         ("num_host_blocks", c_int32),
         ("num_state_slots", c_int32),
         ("state_bytes_per_layer", c_int64),
+        # Since ABI 0.2: per-layer fp8 scales (NULL = 1.0).
+        ("k_scales", POINTER(c_float)),
+        ("v_scales", POINTER(c_float)),
     ]
 
 

@@ -2,6 +2,7 @@
 // over the runtime's memory calls, so that host code needs no CUDA headers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstring>
@@ -20,7 +21,8 @@ __device__ __forceinline__ float Load(const void* base, int dtype, int64_t i) {
 }
 
 __device__ __forceinline__ void Store(void* base, int dtype, int64_t i, float v) {
-  if (dtype == 1) static_cast<__half*>(base)[i] = __float2half_rn(v);
+  if (dtype == 3) static_cast<__nv_fp8_e4m3*>(base)[i] = __nv_fp8_e4m3(v);  // round to nearest, saturate
+  else if (dtype == 1) static_cast<__half*>(base)[i] = __float2half_rn(v);
   else static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v);
 }
 
@@ -46,8 +48,9 @@ __global__ void KvWriteKernel(const KvWriteParams p) {
   for (int i = threadIdx.x; i < p.num_kv_heads * p.head_size; i += blockDim.x) {
     const int h = i / p.head_size, d = i % p.head_size;
     const int64_t dst = dst_row + h * p.kv_stride_head + d;
-    Store(p.k_pages, p.page_dtype, dst, Load(p.key, p.input_dtype, token * p.k_stride_token + h * p.k_stride_head + d));
-    Store(p.v_pages, p.page_dtype, dst, Load(p.value, p.input_dtype, token * p.v_stride_token + h * p.v_stride_head + d));
+    const float ks = p.page_dtype == 3 ? p.k_inv_scale : 1.0f, vs = p.page_dtype == 3 ? p.v_inv_scale : 1.0f;
+    Store(p.k_pages, p.page_dtype, dst, ks * Load(p.key, p.input_dtype, token * p.k_stride_token + h * p.k_stride_head + d));
+    Store(p.v_pages, p.page_dtype, dst, vs * Load(p.value, p.input_dtype, token * p.v_stride_token + h * p.v_stride_head + d));
   }
 }
 

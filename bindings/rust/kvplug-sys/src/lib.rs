@@ -145,7 +145,7 @@ macro_rules! c_functions {
 // ---------------------------------------------------------------------------------------------
 
 pub const KVP_ABI_VERSION_MAJOR: u32 = 0;
-pub const KVP_ABI_VERSION_MINOR: u32 = 1;
+pub const KVP_ABI_VERSION_MINOR: u32 = 2;
 pub const KVP_ABI_VERSION_PATCH: u32 = 0;
 /// major * 10000 + minor * 100 + patch.
 pub const KVP_ABI_VERSION_NUMBER: u32 =
@@ -317,6 +317,9 @@ c_structs! {
         pub num_host_blocks: i32,
         pub num_state_slots: i32,
         pub state_bytes_per_layer: i64,
+        // Since ABI 0.2: per-layer fp8 scales (host arrays of num_layers, or null for 1.0).
+        pub k_scales: *const f32,
+        pub v_scales: *const f32,
     }
     pub struct kvp_plan_options {
         pub struct_size: usize,

@@ -7,7 +7,8 @@
 namespace kvplug::kv::cuda {
 
 // Write new K/V by slot mapping (vLLM's reshape_and_cache), converting float32/float16/bfloat16
-// input (kvplug::DType values 0/1/2) to the page dtype (1 = float16, 2 = bfloat16).
+// input (kvplug::DType values 0/1/2) to the page dtype (1 = float16, 2 = bfloat16, 3 = fp8 e4m3,
+// stored as value * inv_scale, saturated to +-448).
 struct KvWriteParams {
   int32_t page_dtype = 2;
   int32_t input_dtype = 0;
@@ -23,7 +24,9 @@ struct KvWriteParams {
   int32_t num_kv_heads = 0;
   int32_t head_size = 0;
   int32_t block_size = 0;
-  int64_t num_slots = 0;    // num_blocks * block_size: larger slots are skipped, never written
+  int64_t num_slots = 0;
+  float k_inv_scale = 1.0f;
+  float v_inv_scale = 1.0f;    // num_blocks * block_size: larger slots are skipped, never written
   bool vectorized = false;  // same dtype, 16-byte aligned rows: move 16-byte vectors
 };
 int LaunchKvWrite(const KvWriteParams& params, void* stream);

@@ -34,6 +34,9 @@ struct KvCacheOptions {
   int64_t state_bytes_per_layer = 0;
   Device device = Device::kCpu;  // where the pages and state live; host swap pages are pinned on CUDA
   int32_t device_id = 0;
+  // fp8 caches: pages hold K / k_scale and V / v_scale, one scale per layer (empty: all 1.0).
+  std::vector<float> k_scales;
+  std::vector<float> v_scales;
 };
 
 absl::Status ValidateOptions(const KvCacheOptions& options);
@@ -79,6 +82,8 @@ class KvCache {
   Device device() const { return options_.device; }
   const PagedLayer& layer(int32_t l) const { return layers_[l]; }
   const PagedLayer& host_layer(int32_t l) const { return host_layers_[l]; }
+  float k_scale(int32_t l) const { return options_.k_scales.empty() ? 1.0f : options_.k_scales[l]; }
+  float v_scale(int32_t l) const { return options_.v_scales.empty() ? 1.0f : options_.v_scales[l]; }
 
   // key/value: 3-d [num_tokens, num_kv_heads, head_size] views (any float dtype, head contiguous)
   // on the cache's device; slots: block * block_size + offset, -1 skips, in host memory (every slot

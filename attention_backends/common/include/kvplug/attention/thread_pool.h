@@ -16,6 +16,7 @@ namespace kvplug::attn {
 class ThreadPool {
  public:
   // num_threads <= 0: std::thread::hardware_concurrency(). The calling thread is one of them.
+  // Throws std::system_error (or std::bad_alloc) when a worker thread cannot be started.
   explicit ThreadPool(int32_t num_threads);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
@@ -29,6 +30,7 @@ class ThreadPool {
  private:
   void WorkerLoop();
   void RunChunks();
+  void Stop();  // stops and joins the workers
 
   std::vector<std::thread> workers_;
   std::mutex run_mutex_;  // one ParallelFor at a time
