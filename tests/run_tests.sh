@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: install, build, run every CPU test (ctest; the `gpu` label runs on a GPU
-# machine, see README), then the Python, Rust and Go bindings' tests and examples.
+# machine, see README), then the Python, Rust and Go bindings' tests and examples, then the mini
+# serving engine's tests. KVP_SKIP_BINDINGS=1 / KVP_SKIP_ENGINE=1 leave those out.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../.ci/setup.sh"
 ctest --test-dir "$KVP_BUILD_DIR" --output-on-failure -j"$jobs" -LE gpu
@@ -9,4 +10,10 @@ if [ "${KVP_SKIP_BINDINGS:-0}" != 1 ]; then
     echo "== bindings/$binding"
     bash "bindings/$binding/run_tests.sh" "$KVP_BUILD_DIR"
   done
+fi
+if [ "${KVP_SKIP_ENGINE:-0}" != 1 ]; then
+  # The mini serving engine: logits against Hugging Face transformers, the 200-request stress test
+  # and a smoke run (installs torch and transformers from PyPI on first use).
+  echo "== engine"
+  bash bindings/python/run_engine_tests.sh "$KVP_BUILD_DIR"
 fi

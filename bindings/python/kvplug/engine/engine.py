@@ -1,0 +1,318 @@
+"""The engine: requests in, tokens out, one batched model step at a time.
+
+Per step (what ``bench/demo.cc`` does, with a real model):
+
+1. the scheduler picks the batch (continuous batching, chunked prefill, admission, preemption and
+   swap plans: :mod:`.scheduler`);
+2. the runner builds the flat batch: token ids, positions, ``query_start_loc``, ``seq_lens``
+   (computed tokens after this step), block tables (``BlockManager.block_tables``) and the slot
+   mapping (``BlockManager.slot_mapping``), and updates the one ``kvplug.Plan`` of the step;
+3. the model runs; each layer writes its K/V through its backend at the plan's slot mapping and
+   runs attention (``Attention.write_kv`` + ``Attention.run``), or the torch reference;
+4. the rows that need logits go through the LM head and are sampled;
+5. every scheduled sequence is marked computed (``BlockManager.mark_computed``: full blocks join
+   the prefix cache), sampled tokens are appended to their requests, finished requests free their
+   blocks.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+import kvplug
+
+from .config import TORCH_REFERENCE, EngineConfig, EngineConfigError, ModelConfig, ModelConfigLike
+from .model import KvplugAttention, LlamaForCausalLM, StepBatch, TorchReferenceAttention
+from .request import Request, RequestOutput, RequestStatus, SamplingParams, now
+from .sampling import sample
+from .scheduler import Scheduler, SchedulerOutput
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_model_config(model_config: ModelConfigLike, engine_config: EngineConfig) -> ModelConfig:
+    if isinstance(model_config, ModelConfig):
+        model_config.check_backends(kv_cache_dtype=engine_config.kv_cache_dtype, device=engine_config.device)
+        return model_config
+    if isinstance(model_config, str):
+        return ModelConfig.from_json(model_config, kv_cache_dtype=engine_config.kv_cache_dtype,
+                                     device=engine_config.device)
+    return ModelConfig.from_dict(model_config, kv_cache_dtype=engine_config.kv_cache_dtype, device=engine_config.device)
+
+
+class LLMEngine:
+    """A serving engine over libkvplug for a Llama-architecture model.
+
+    ``model_config``: a :class:`ModelConfig`, a dict, JSON text or a JSON file path. Every layer's
+    backend is resolved against the loaded library first: an unknown name or a bad config raises
+    before weights are made or a cache is allocated. ``model``: reuse built weights (tests).
+    """
+
+    def __init__(self, model_config: ModelConfigLike, engine_config: Optional[EngineConfig] = None,
+                 model: Optional[LlamaForCausalLM] = None, dtype: str = "float32") -> None:
+        ec = engine_config or EngineConfig()
+        ec.check()
+        mc = resolve_model_config(model_config, ec)  # raises before any work on a bad backend
+        if dtype not in _TORCH_DTYPES:
+            raise EngineConfigError(f"dtype={dtype!r} must be one of {sorted(_TORCH_DTYPES)}")
+        self.model_config = mc
+        self.config = ec
+        self.device = torch.device(ec.device)
+        if ec.device == "cpu" and ec.torch_threads > 0:
+            torch.set_num_threads(ec.torch_threads)
+        self.dtype = _TORCH_DTYPES[dtype]
+
+        # The model.
+        if model is None:
+            model = LlamaForCausalLM(mc)
+            model.load_weights(mc.weights)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+
+        # kvplug: context, block manager, paged cache, one plan per step, one attention per layer.
+        stream = None
+        if ec.device == "cuda":
+            stream = torch.cuda.current_stream().cuda_stream or None
+        self.ctx = kvplug.Context(ec.device, num_threads=ec.num_threads, stream=stream)
+        self.bm = kvplug.BlockManager(block_size=ec.block_size, num_device_blocks=ec.num_device_blocks,
+                                      num_host_blocks=ec.num_host_blocks,
+                                      enable_prefix_caching=ec.enable_prefix_caching, watermark=ec.watermark)
+        self.cache = kvplug.KvCache(self.ctx, num_layers=mc.num_hidden_layers, num_blocks=ec.num_device_blocks,
+                                    block_size=ec.block_size, num_kv_heads=mc.num_key_value_heads,
+                                    head_size=mc.head_dim, dtype=ec.kv_cache_dtype,
+                                    num_host_blocks=ec.num_host_blocks)
+        self.max_blocks_per_seq = ec.blocks_for(mc.max_position_embeddings)
+        self.plan = kvplug.Plan(self.ctx, max_num_seqs=ec.max_num_seqs, max_num_tokens=ec.max_num_batched_tokens,
+                                max_num_blocks=ec.max_num_seqs * self.max_blocks_per_seq)
+        self.layer_attention: List[Any] = []
+        for spec in mc.layer_attention:
+            if spec.backend == TORCH_REFERENCE:
+                self.layer_attention.append(TorchReferenceAttention(spec, mc))
+            else:
+                self.layer_attention.append(KvplugAttention(self.ctx, spec, mc, ec.kv_cache_dtype))
+
+        self.scheduler = Scheduler(ec, self.bm, self.cache)
+        self._seq_ids = itertools.count(1)
+        self._seed_base = int(ec.seed)
+        self.start_stats = self.bm.stats()
+        self.step_times: List[float] = []
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens_computed = 0
+
+    # -------------------------------------------------------------------------------------------
+    # Requests
+    # -------------------------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: Sequence[int], params: Optional[SamplingParams] = None,
+                    request_id: Optional[str] = None, arrival_time: Optional[float] = None) -> str:
+        """Queue a request; returns its id. ValueError for one that can never be served (empty,
+        ids outside the vocabulary, longer than the model or the block pool allows)."""
+        params = params or SamplingParams()
+        mc, ec = self.model_config, self.config
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise ValueError("prompt_token_ids is empty")
+        bad = [t for t in ids if not 0 <= t < mc.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {mc.vocab_size})")
+        total = len(ids) + params.max_tokens
+        if total > mc.max_position_embeddings:
+            raise ValueError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                             f"max_position_embeddings={mc.max_position_embeddings}")
+        if ec.blocks_for(total) > ec.num_device_blocks - ec.watermark_blocks:
+            raise ValueError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) needs {ec.blocks_for(total)} "
+                             f"blocks of {ec.block_size}; the pool has {ec.num_device_blocks} "
+                             f"(watermark {ec.watermark_blocks})")
+        seq_id = next(self._seq_ids)
+        request_id = str(seq_id) if request_id is None else str(request_id)
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        gen = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else self._seed_base * 1_000_003 + seq_id
+            gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        req = Request(request_id, seq_id, ids, params, now() if arrival_time is None else arrival_time, gen)
+        if params.prompt_logits:
+            req.prompt_logits = torch.full((len(ids), mc.vocab_size), float("nan"))
+        self.scheduler.add(req)
+        return request_id
+
+    def abort_request(self, request_id: str) -> Optional[RequestOutput]:
+        """Stop a request wherever it is (waiting, running, swapped); its blocks, device or host, are
+        freed at once. Returns its final output (finish_reason "abort"), or None if unknown."""
+        req = self.scheduler.abort(str(request_id))
+        return None if req is None else req.output()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -------------------------------------------------------------------------------------------
+    # One step
+    # -------------------------------------------------------------------------------------------
+    def step(self) -> List[RequestOutput]:
+        """Schedule, run the model once over the batch, sample. Returns the requests that got a
+        token or finished (including rejected ones) in this step."""
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        outputs = [r.output() for r in sched.rejected]
+        if sched.seqs:
+            outputs += self._run(sched)
+        self.step_times.append(time.perf_counter() - t0)
+        return outputs
+
+    def _run(self, sched: SchedulerOutput) -> List[RequestOutput]:
+        ec, mc, bm = self.config, self.model_config, self.bm
+        seqs = sched.seqs
+        n = len(seqs)
+        qsl = np.zeros(n + 1, np.int32)
+        seq_lens = np.empty(n, np.int32)
+        input_ids: List[int] = []
+        positions: List[int] = []
+        slots: List[np.ndarray] = []
+        width = 1
+        for b, s in enumerate(seqs):
+            r = s.req
+            qsl[b + 1] = qsl[b] + s.num_tokens
+            seq_lens[b] = s.start + s.num_tokens
+            input_ids.extend(r.token_ids[s.start:s.start + s.num_tokens])
+            positions.extend(range(s.start, s.start + s.num_tokens))
+            slots.append(bm.slot_mapping(r.seq_id, s.start, s.num_tokens))
+            width = max(width, ec.blocks_for(r.num_bm_tokens))
+        slot_mapping = np.concatenate(slots)
+        table, _ = bm.block_tables([s.req.seq_id for s in seqs], max_blocks_per_seq=width)
+        self.plan.update(qsl, seq_lens, block_size=ec.block_size, block_table=table, slot_mapping=slot_mapping)
+        batch = StepBatch(qsl, seq_lens, table, slot_mapping)
+        plan, cache, layers = self.plan, self.cache, self.layer_attention
+
+        def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return layers[layer](plan, cache, batch, layer, q, k, v)
+
+        ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(ids_t, pos_t, attention)
+
+        # Rows that need logits: the last token of every sequence that reaches its end this step
+        # (it samples), and prompt positions of requests that asked for prompt logits.
+        sample_rows: List[int] = []
+        sample_seqs = []
+        prompt_rows: List[int] = []
+        prompt_dst = []
+        for b, s in enumerate(seqs):
+            r = s.req
+            if r.params.prompt_logits and s.start < r.prompt_len:
+                end = min(s.start + s.num_tokens, r.prompt_len)
+                prompt_rows.extend(range(int(qsl[b]), int(qsl[b]) + end - s.start))
+                prompt_dst.append((r, s.start, end))
+            if s.start + s.num_tokens == len(r.token_ids):
+                sample_rows.append(int(qsl[b + 1]) - 1)
+                sample_seqs.append(s)
+        rows = sample_rows + prompt_rows
+        logits = self.model.compute_logits(hidden[rows]) if rows else None
+        if prompt_rows:
+            assert logits is not None
+            pl = logits[len(sample_rows):].cpu()
+            k = 0
+            for r, start, end in prompt_dst:
+                r.prompt_logits[start:end] = pl[k:k + end - start]
+                k += end - start
+        tokens: List[int] = []
+        margins: List[float] = []
+        if sample_rows:
+            assert logits is not None
+            tokens, margins = sample(logits[: len(sample_rows)], [s.req for s in sample_seqs])
+
+        # Publish what was computed, then append sampled tokens and retire finished requests.
+        t = now()
+        for s in seqs:
+            r = s.req
+            r.num_computed_tokens = s.start + s.num_tokens
+            bm.mark_computed(r.seq_id, r.num_computed_tokens)
+            if s.start < r.prompt_len:
+                self.num_prompt_tokens_computed += min(s.start + s.num_tokens, r.prompt_len) - s.start
+        outputs = []
+        for i, s in enumerate(sample_seqs):
+            r = s.req
+            tok = tokens[i]
+            r.token_ids.append(tok)
+            r.token_times.append(t)
+            r.output_margins.append(margins[i])
+            if r.params.logits:
+                assert logits is not None
+                r.output_logits.append(logits[i].cpu())
+            self.num_generated_tokens += 1
+            p = r.params
+            if tok in p.stop_token_ids or (not p.ignore_eos and mc.eos_token_id is not None and tok == mc.eos_token_id):
+                self.scheduler.finish(r, RequestStatus.FINISHED_STOPPED)
+            elif r.num_output_tokens >= p.max_tokens:
+                self.scheduler.finish(r, RequestStatus.FINISHED_LENGTH)
+            outputs.append(r.output())
+        return outputs
+
+    # -------------------------------------------------------------------------------------------
+    # Conveniences
+    # -------------------------------------------------------------------------------------------
+    def generate(self, prompts: Iterable[Sequence[int]],
+                 params: Union[None, SamplingParams, Sequence[SamplingParams]] = None) -> List[RequestOutput]:
+        """Serve ``prompts`` to completion (with whatever else is queued); outputs in prompt order."""
+        prompts = list(prompts)
+        plist = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        done: Dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for o in self.step():
+                if o.finished:
+                    done[o.request_id] = o
+        return [done[i] for i in ids if i in done]
+
+    def stats(self) -> Dict[str, Any]:
+        """Scheduler counters, block manager stats and the prefix-cache hit rate."""
+        st = self.bm.stats()
+        d: Dict[str, Any] = self.scheduler.stats.as_dict()
+        d.update({f"bm_{k}": v for k, v in st.__dict__.items()})
+        d["prefix_block_hit_rate"] = st.prefix_hit_blocks / st.prefix_queried_blocks if st.prefix_queried_blocks else 0.0
+        sc = self.scheduler.stats
+        d["prefix_token_hit_rate"] = (sc.cached_tokens_admitted / sc.prompt_tokens_admitted
+                                      if sc.prompt_tokens_admitted else 0.0)
+        d["num_generated_tokens"] = self.num_generated_tokens
+        d["num_prompt_tokens_computed"] = self.num_prompt_tokens_computed
+        return d
+
+    def check_no_leaks(self) -> None:
+        """With no request left: every device block free or cached-free, every host block free."""
+        st = self.bm.stats()
+        problems = []
+        if self.has_unfinished_requests():
+            problems.append(f"{self.scheduler.num_unfinished()} requests unfinished")
+        if st.num_used_blocks != 0:
+            problems.append(f"num_used_blocks={st.num_used_blocks}")
+        if st.num_free_blocks + st.num_cached_free_blocks != st.num_device_blocks:
+            problems.append(f"free {st.num_free_blocks} + cached_free {st.num_cached_free_blocks} != "
+                            f"{st.num_device_blocks}")
+        if st.num_free_host_blocks != st.num_host_blocks:
+            problems.append(f"host blocks free {st.num_free_host_blocks} of {st.num_host_blocks}")
+        if st.num_sequences != 0 or st.num_swapped_sequences != 0:
+            problems.append(f"{st.num_sequences} sequences ({st.num_swapped_sequences} swapped) still in the manager")
+        if problems:
+            raise AssertionError("block leak: " + "; ".join(problems))
+
+    def describe(self) -> str:
+        mc, ec = self.model_config, self.config
+        layers = ", ".join(f"{i}:{s.backend}" + (f"{json.dumps((s.config or {}).get('backend_config'))}"
+                                                  if s.config else "")
+                           for i, s in enumerate(mc.layer_attention))
+        return (f"model: {mc.num_hidden_layers} layers, hidden {mc.hidden_size}, {mc.num_attention_heads} q / "
+                f"{mc.num_key_value_heads} kv heads x {mc.head_dim}, vocab {mc.vocab_size}; attention [{layers}]\n"
+                f"kv cache: {ec.num_device_blocks} device + {ec.num_host_blocks} host blocks of {ec.block_size} tokens, "
+                f"{ec.kv_cache_dtype}, on {ec.device}; prefix caching {'on' if ec.enable_prefix_caching else 'off'}, "
+                f"preemption {ec.preemption_mode}, max {ec.max_num_seqs} seqs / {ec.max_num_batched_tokens} tokens "
+                f"per step; kvplug {kvplug.version_string()}")
+
+    def close(self) -> None:
+        for h in (self.plan, self.cache, self.bm, self.ctx):
+            h.close()
+        for a in self.layer_attention:
+            if isinstance(a, KvplugAttention):
+                a.attn.close()

@@ -1,0 +1,287 @@
+"""Continuous batching over kvplug's block manager, as vLLM's scheduler does it.
+
+Every step gets a token budget (``max_num_batched_tokens``) and at most ``max_num_seqs`` sequences.
+It is filled in priority order (first come, first served):
+
+1. **Running** requests, oldest first: each takes its pending tokens (one for a decode, the next
+   chunk of a prompt for a prefill: chunked prefill) while the budget lasts. A decode first appends
+   its last sampled token to the block manager; when no block is left for it, the *newest* running
+   request is preempted (possibly the one asking), until the append fits.
+2. **Swapped** requests come back (``BlockManager.swap_in`` + ``KvCache.swap_in``) when their
+   blocks fit above the watermark, unless this step preempted someone.
+3. **Waiting** requests are admitted when ``BlockManager.can_allocate`` says OK (it counts cached
+   prefix blocks as free and keeps the watermark), unless this step preempted someone or a swapped
+   request is still waiting to come back. ``allocate`` returns how many leading tokens the prefix
+   cache already holds: those are never computed again.
+
+Preemption swaps the victim to host blocks (``BlockManager.swap_out`` gives the copy plan, which
+``KvCache.swap_out`` carries out at once, before any device block is reused) or, with
+``preemption_mode="recompute"`` or a full host pool, frees it: it goes back to the waiting queue
+with its prompt plus the tokens it has sampled, and the prefix cache usually gives most of them back.
+
+Block copies (swap plans, copy-on-write) are executed synchronously, in the order they are decided,
+so a block released by a swap-out is never overwritten before its contents reached the host.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from typing import Dict, List, Optional
+
+import kvplug
+
+from .config import EngineConfig
+from .request import Request, RequestStatus, now
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    req: Request
+    start: int       # first position computed this step (num_computed_tokens before it)
+    num_tokens: int  # query tokens this step
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == 1 and self.start >= self.req.prompt_len
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    seqs: List[ScheduledSeq]
+    rejected: List[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+
+@dataclasses.dataclass
+class SchedulerStats:
+    """Counters, cumulative since the engine started."""
+
+    num_steps: int = 0
+    num_scheduled_tokens: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_mixed_steps: int = 0          # steps batching prefill chunks with decodes
+    num_chunked_prefills: int = 0     # prefill chunks that stopped short of the prompt's end
+    max_batch_seqs: int = 0
+    max_batch_tokens: int = 0
+    num_admitted: int = 0
+    num_preemptions: int = 0
+    num_swap_outs: int = 0
+    num_swap_ins: int = 0
+    num_recomputes: int = 0
+    num_blocks_swapped_out: int = 0
+    num_blocks_swapped_in: int = 0
+    num_cow_copies: int = 0
+    num_finished: int = 0
+    num_aborted: int = 0
+    num_rejected: int = 0
+    prompt_tokens_admitted: int = 0   # tokens handed to allocate (prompts, plus outputs on recompute)
+    cached_tokens_admitted: int = 0   # of those, served by the prefix cache
+    peak_used_blocks: int = 0
+    peak_running: int = 0
+
+    def as_dict(self) -> Dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class Scheduler:
+    """Owns the request queues and every block-manager call; executes block copies on ``cache``."""
+
+    def __init__(self, cfg: EngineConfig, bm: kvplug.BlockManager, cache: kvplug.KvCache) -> None:
+        self.cfg = cfg
+        self.bm = bm
+        self.cache = cache
+        self.waiting: List[Request] = []
+        self.running: List[Request] = []
+        self.swapped: List[Request] = []
+        self.requests: Dict[str, Request] = {}
+        self.stats = SchedulerStats()
+
+    # -------------------------------------------------------------------------------------------
+    # Queues
+    # -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _insort(queue: List[Request], req: Request) -> None:
+        keys = [r.priority() for r in queue]
+        queue.insert(bisect.bisect(keys, req.priority()), req)
+
+    def add(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        req.status = RequestStatus.WAITING
+        self._insort(self.waiting, req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.swapped)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """End a request: release its blocks (device or host) and drop it from every queue."""
+        if req.status in (RequestStatus.RUNNING, RequestStatus.SWAPPED):
+            self.bm.free(req.seq_id)
+        for q in (self.waiting, self.running, self.swapped):
+            if req in q:
+                q.remove(req)
+        req.status = status
+        req.finish_time = now()
+        self.requests.pop(req.request_id, None)
+        if status is RequestStatus.FINISHED_ABORTED:
+            self.stats.num_aborted += 1
+        elif status is RequestStatus.FINISHED_REJECTED:
+            self.stats.num_rejected += 1
+        else:
+            self.stats.num_finished += 1
+
+    def abort(self, request_id: str) -> Optional[Request]:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        self.finish(req, RequestStatus.FINISHED_ABORTED)
+        return req
+
+    # -------------------------------------------------------------------------------------------
+    # Preemption
+    # -------------------------------------------------------------------------------------------
+    def _preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        victim.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        if self.cfg.preemption_mode == "swap" and self.cfg.num_host_blocks > 0:
+            try:
+                copies = self.bm.swap_out(victim.seq_id)
+            except kvplug.NoFreeBlocksError:
+                copies = None  # host pool full: recompute instead
+            if copies is not None:
+                self.cache.swap_out(copies)  # now: the device blocks may be handed out next
+                victim.status = RequestStatus.SWAPPED
+                self._insort(self.swapped, victim)
+                self.stats.num_swap_outs += 1
+                self.stats.num_blocks_swapped_out += len(copies)
+                return
+        self.bm.free(victim.seq_id)
+        victim.num_computed_tokens = 0
+        victim.num_bm_tokens = 0
+        victim.status = RequestStatus.WAITING
+        self._insort(self.waiting, victim)
+        self.stats.num_recomputes += 1
+
+    def _append_pending(self, req: Request, may_preempt: bool) -> bool:
+        """Give the block manager the tokens sampled since ``req`` was last scheduled. Preempts the
+        newest running requests if blocks run out (``may_preempt``). False if ``req`` could not
+        get its blocks (it was preempted itself, or may not preempt)."""
+        need = len(req.token_ids) - req.num_bm_tokens
+        if need <= 0:
+            return True
+        while not self.bm.can_append(req.seq_id, need):
+            if not may_preempt:
+                return False
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        copy = self.bm.append(req.seq_id, req.token_ids[req.num_bm_tokens:])
+        if copy is not None:  # the last block was shared (after a fork): copy on write first
+            self.cache.copy_blocks([copy])
+            self.stats.num_cow_copies += 1
+        req.num_bm_tokens = len(req.token_ids)
+        return True
+
+    # -------------------------------------------------------------------------------------------
+    # One step
+    # -------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.cfg
+        budget = cfg.max_num_batched_tokens
+        out: List[ScheduledSeq] = []
+        rejected: List[Request] = []
+        preempted_before = self.stats.num_preemptions
+
+        def take(req: Request) -> None:
+            nonlocal budget
+            pending = len(req.token_ids) - req.num_computed_tokens
+            n = min(pending, budget)
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now()
+            out.append(ScheduledSeq(req, req.num_computed_tokens, n))
+            budget -= n
+
+        # 1. Running, oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            if not self._append_pending(req, may_preempt=True):
+                break  # it preempted itself: it was the newest, nothing runs after it
+            take(req)
+            i += 1
+        preempted = self.stats.num_preemptions != preempted_before
+
+        # 2. Swapped back in, oldest first, while their blocks fit above the watermark.
+        while not preempted and self.swapped and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            req = self.swapped[0]
+            need = cfg.blocks_for(len(req.token_ids))  # its blocks plus room for the pending token
+            st = self.bm.stats()
+            if st.num_free_blocks + st.num_cached_free_blocks - need < cfg.watermark_blocks:
+                break
+            copies = self.bm.swap_in(req.seq_id)
+            self.cache.swap_in(copies)
+            self.stats.num_swap_ins += 1
+            self.stats.num_blocks_swapped_in += len(copies)
+            self.swapped.pop(0)
+            req.status = RequestStatus.RUNNING
+            self._insort(self.running, req)
+            if self._append_pending(req, may_preempt=False):
+                take(req)
+
+        # 3. Waiting, in order, while the block manager admits them.
+        while (not preempted and not self.swapped and self.waiting and budget > 0
+               and len(self.running) < cfg.max_num_seqs):
+            req = self.waiting[0]
+            verdict = self.bm.can_allocate(req.token_ids)
+            if verdict == kvplug.AllocVerdict.NEVER:
+                self.waiting.pop(0)
+                req.error = (f"{len(req.token_ids)} tokens can never fit {cfg.num_device_blocks} blocks of "
+                             f"{cfg.block_size} (watermark {cfg.watermark})")
+                self.finish(req, RequestStatus.FINISHED_REJECTED)
+                rejected.append(req)
+                continue
+            if verdict != kvplug.AllocVerdict.OK:
+                break
+            cached = self.bm.allocate(req.seq_id, req.token_ids)
+            self.waiting.pop(0)
+            req.num_computed_tokens = cached
+            req.num_bm_tokens = len(req.token_ids)
+            req.num_cached_tokens_total += cached
+            if req.num_preemptions == 0:
+                req.num_cached_prompt_tokens = cached
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)  # it is the newest: priority order holds
+            self.stats.num_admitted += 1
+            self.stats.prompt_tokens_admitted += len(req.token_ids)
+            self.stats.cached_tokens_admitted += cached
+            take(req)
+
+        # Bookkeeping.
+        st = self.stats
+        if out:
+            st.num_steps += 1
+            ntok = sum(s.num_tokens for s in out)
+            st.num_scheduled_tokens += ntok
+            decodes = sum(1 for s in out if s.is_decode)
+            prefill_seqs = [s for s in out if not s.is_decode]
+            st.num_decode_tokens += decodes
+            st.num_prefill_tokens += ntok - decodes
+            st.num_chunked_prefills += sum(1 for s in prefill_seqs if s.start + s.num_tokens < len(s.req.token_ids))
+            if decodes and prefill_seqs:
+                st.num_mixed_steps += 1
+            st.max_batch_seqs = max(st.max_batch_seqs, len(out))
+            st.max_batch_tokens = max(st.max_batch_tokens, ntok)
+            for s in prefill_seqs:
+                s.req.num_prefill_chunks += 1
+        st.peak_running = max(st.peak_running, len(self.running))
+        bm = self.bm.stats()
+        st.peak_used_blocks = max(st.peak_used_blocks, bm.num_used_blocks)
+        return SchedulerOutput(out, rejected)
