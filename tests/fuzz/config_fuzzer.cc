@@ -2,8 +2,9 @@
 // built into the library), through kvp_config_check and kvp_attention_create.
 //
 // Input: byte 0 picks the format (mostly BINARY/JSON, sometimes NONE or an invalid value), the
-// backend name and the config's alignment; the rest is the config, passed with its exact size (libFuzzer's buffer is exactly
-// that long, so a read past config_size is an ASan report; JSON need not be NUL-terminated).
+// backend name and the config's alignment (odd, or an exact-size aligned copy); the rest is the
+// config, passed with its exact size (its buffer is exactly that long, so a read past config_size is
+// an ASan report; JSON need not be NUL-terminated).
 // Checked: only the documented statuses come back, every failure leaves a message naming the entry
 // point, kvp_attention_create agrees with kvp_config_check, a created dense attention runs on a small
 // batch (so config values such as window_left and logits_soft_cap reach the kernel), and its

@@ -1,5 +1,6 @@
 // Long randomized model test of kvplug::paged::BlockManager: 4 pool configurations x 2^19 random
-// operations (2M in all; KVP_MODEL_OPS sets the count per configuration), each checked against a compact model of what the caller knows.
+// operations (2M in all, ~3 s in RelWithDebInfo; KVP_MODEL_OPS sets the count per configuration),
+// each checked against a compact model of what the caller knows.
 //
 // The model holds every live sequence's tokens, how many of them are computed (K/V written), whether
 // it is swapped out, and a fake K/V memory: one token id per device slot and per host slot. Writes go
@@ -7,9 +8,9 @@
 // K/V, so a prefix hit, a copy or a swap that serves the wrong block reads back a wrong token. The
 // operations: allocate (prompts built from shared prefixes: prefix hits; with chunked prefill),
 // allocate a duplicate of a fully computed sequence (the exact number of cached tokens is known when
-// nothing was evicted since its blocks were found or published), append (copy on write after a fork), the rest of a
-// chunked prefill, mark_computed (never backwards; out of range fails), fork, free, swap out and in,
-// and calls on unknown ids. Checked after every operation: failed calls change neither stats nor
+// nothing was evicted since its blocks were found or published), append (copy on write after a
+// fork), the rest of a chunked prefill, mark_computed (never backwards; out of range fails), fork,
+// free, swap out and in, and calls on unknown ids. Checked after every operation: failed calls change neither stats nor
 // tables, stats add up (free + cached_free + used == device blocks; used == the distinct blocks of
 // resident tables; host blocks of swapped sequences == host blocks in use; sequence counts), the
 // touched sequence reads back its tokens; every 256 operations, CheckInvariants() and every sequence.
