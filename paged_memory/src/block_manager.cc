@@ -276,15 +276,23 @@ struct BlockManager::Impl {
     return &it->second;
   }
   absl::StatusOr<const Seq*> FindResident(uint64_t seq_id) const {
-    auto it = seqs.find(seq_id);
-    if (it == seqs.end()) {
-      return absl::NotFoundError(fmt::format("seq {}: unknown sequence id", seq_id));
-    }
-    if (it->second.swapped) {
+    auto s = Find(seq_id);
+    if (s.ok() && (*s)->swapped) {
       return absl::FailedPreconditionError(
           fmt::format("seq {}: sequence is swapped out (swap it in first)", seq_id));
     }
-    return &it->second;
+    return s;
+  }
+  // The same lookups for mutating calls.
+  absl::StatusOr<Seq*> Find(uint64_t seq_id) {
+    auto s = std::as_const(*this).Find(seq_id);
+    if (!s.ok()) return s.status();
+    return const_cast<Seq*>(*s);
+  }
+  absl::StatusOr<Seq*> FindResident(uint64_t seq_id) {
+    auto s = std::as_const(*this).FindResident(seq_id);
+    if (!s.ok()) return s.status();
+    return const_cast<Seq*>(*s);
   }
 
   // Fresh blocks an append of n tokens needs (including a copy-on-write block).
@@ -437,15 +445,9 @@ absl::StatusOr<std::optional<BlockCopy>> BlockManager::Append(uint64_t seq_id,
         "seq {}: token_ids has {} ids but num_tokens={}{}", seq_id, token_ids.size(), num_tokens,
         m.caching ? " (token ids are required with prefix caching)" : ""));
   }
-  auto it = m.seqs.find(seq_id);
-  if (it == m.seqs.end()) {
-    return absl::NotFoundError(fmt::format("seq {}: unknown sequence id", seq_id));
-  }
-  Impl::Seq& s = it->second;
-  if (s.swapped) {
-    return absl::FailedPreconditionError(
-        fmt::format("seq {}: sequence is swapped out (swap it in first)", seq_id));
-  }
+  auto found = m.FindResident(seq_id);
+  if (!found.ok()) return found.status();
+  Impl::Seq& s = **found;
   const int64_t need = m.AppendNeed(s, num_tokens);
   if (need > m.Available()) {
     return absl::ResourceExhaustedError(
@@ -488,15 +490,9 @@ absl::StatusOr<std::optional<BlockCopy>> BlockManager::Append(uint64_t seq_id,
 
 absl::Status BlockManager::MarkComputed(uint64_t seq_id, int64_t num_computed_tokens) {
   Impl& m = *impl_;
-  auto it = m.seqs.find(seq_id);
-  if (it == m.seqs.end()) {
-    return absl::NotFoundError(fmt::format("seq {}: unknown sequence id", seq_id));
-  }
-  Impl::Seq& s = it->second;
-  if (s.swapped) {
-    return absl::FailedPreconditionError(
-        fmt::format("seq {}: sequence is swapped out (swap it in first)", seq_id));
-  }
+  auto found = m.FindResident(seq_id);
+  if (!found.ok()) return found.status();
+  Impl::Seq& s = **found;
   if (num_computed_tokens < 0 || num_computed_tokens > s.num_tokens) {
     return absl::OutOfRangeError(fmt::format("seq {}: num_computed_tokens={} out of range [0, {}]",
                                              seq_id, num_computed_tokens, s.num_tokens));

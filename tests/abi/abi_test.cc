@@ -22,54 +22,11 @@
 #include <vector>
 
 #include "common/naive_attention.h"
-#include "kvplug/kvplug_dl.h"
+#include "abi/abi_harness.h"
 
 namespace {
 
-kvp_api api;
-
-// ------------------------------------------------------------------------------------------------
-// Loading and status checks
-// ------------------------------------------------------------------------------------------------
-
-::testing::AssertionResult LoadLibrary() {
-  static bool loaded = false;
-  if (loaded) return ::testing::AssertionSuccess();
-  const char* path = std::getenv("KVP_LIBRARY");
-  if (!path || !*path)
-    return ::testing::AssertionFailure()
-           << "KVP_LIBRARY is not set: it must name libkvplug.so (CTest sets it; run through ctest or "
-              "export KVP_LIBRARY=/path/to/libkvplug.so)";
-  char error[1024] = {};
-  if (kvp_api_load(&api, path, error, sizeof error) != 0)
-    return ::testing::AssertionFailure() << "kvp_api_load failed: " << error;
-  loaded = true;
-  return ::testing::AssertionSuccess();
-}
-
-class Abi : public ::testing::Test {
- protected:
-  void SetUp() override { ASSERT_TRUE(LoadLibrary()); }
-};
-
-std::string Name(kvp_status s) { return api.kvp_status_string(s); }
-
-// A failure whose message no call under test produces: set before each checked call so that a
-// call that fails without recording its own message is caught.
-constexpr const char* kMarker = "kvp_backend_name: index=-424242";
-void SetMarker() {
-  const char* name = nullptr;
-  (void)api.kvp_backend_name(-424242, &name);
-}
-
-// The entry point a checked expression calls: "api.kvp_x(...)" -> "kvp_x".
-std::string EntryPoint(std::string_view expr) {
-  const size_t at = expr.find("api.kvp_");
-  if (at == std::string_view::npos) return "";
-  const size_t begin = at + 4;
-  const size_t end = expr.find('(', begin);
-  return std::string(expr.substr(begin, end - begin));
-}
+class Abi : public LoadedAbi {};
 
 void CheckStatus(kvp_status got, kvp_status want, const char* expr, const char* file, int line,
                  std::initializer_list<std::string_view> parts) {

@@ -26,29 +26,11 @@
 #include <vector>
 
 #include "common/naive_attention.h"
-#include "kvplug/kvplug_dl.h"
+#include "abi/abi_harness.h"
 
 namespace {
 
-kvp_api api;
-
-::testing::AssertionResult LoadLibrary() {
-  static bool loaded = false;
-  if (loaded) return ::testing::AssertionSuccess();
-  const char* path = std::getenv("KVP_LIBRARY");
-  if (!path || !*path)
-    return ::testing::AssertionFailure() << "KVP_LIBRARY is not set: it must name libkvplug.so (CTest sets it)";
-  char error[1024] = {};
-  if (kvp_api_load(&api, path, error, sizeof error) != 0)
-    return ::testing::AssertionFailure() << "kvp_api_load failed: " << error;
-  loaded = true;
-  return ::testing::AssertionSuccess();
-}
-
-class Concurrency : public ::testing::Test {
- protected:
-  void SetUp() override { ASSERT_TRUE(LoadLibrary()); }
-};
+class Concurrency : public LoadedAbi {};
 
 // Worker threads must not use ASSERT_* (it returns from the lambda only); they count problems and
 // keep the first message, which the main thread reports.

@@ -17,49 +17,14 @@
 
 #include "common/naive_attention.h"
 #include "flatbuffers/flatbuffers.h"
-#include "kvplug/kvplug_dl.h"
+#include "abi/abi_harness.h"
 #include "kvplug_config_generated.h"
 
 namespace {
 
 namespace fb = kvplug::fb;
 
-kvp_api api;
-
-::testing::AssertionResult LoadLibrary() {
-  static bool loaded = false;
-  if (loaded) return ::testing::AssertionSuccess();
-  const char* path = std::getenv("KVP_LIBRARY");
-  if (!path || !*path)
-    return ::testing::AssertionFailure()
-           << "KVP_LIBRARY is not set: it must name libkvplug.so (CTest sets it; run through ctest or "
-              "export KVP_LIBRARY=/path/to/libkvplug.so)";
-  char error[1024] = {};
-  if (kvp_api_load(&api, path, error, sizeof error) != 0)
-    return ::testing::AssertionFailure() << "kvp_api_load failed: " << error;
-  loaded = true;
-  return ::testing::AssertionSuccess();
-}
-
-class Config : public ::testing::Test {
- protected:
-  void SetUp() override { ASSERT_TRUE(LoadLibrary()); }
-};
-
-std::string Name(kvp_status s) { return api.kvp_status_string(s); }
-
-constexpr const char* kMarker = "kvp_backend_name: index=-424242";
-void SetMarker() {
-  const char* name = nullptr;
-  (void)api.kvp_backend_name(-424242, &name);
-}
-
-std::string EntryPoint(std::string_view expr) {
-  const size_t at = expr.find("api.kvp_");
-  if (at == std::string_view::npos) return "";
-  const size_t begin = at + 4;
-  return std::string(expr.substr(begin, expr.find('(', begin) - begin));
-}
+class Config : public LoadedAbi {};
 
 void CheckStatus(kvp_status got, kvp_status want, const char* expr, const char* file, int line,
                  std::initializer_list<std::string_view> parts) {

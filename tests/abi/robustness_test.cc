@@ -13,24 +13,11 @@
 #include <string>
 #include <vector>
 
-#include "kvplug/kvplug_dl.h"
+#include "abi/abi_harness.h"
 
 namespace {
 
-kvp_api api;
-
-class Robustness : public ::testing::Test {
- protected:
-  void SetUp() override {
-    static bool loaded = false;
-    if (loaded) return;
-    const char* path = std::getenv("KVP_LIBRARY");
-    ASSERT_TRUE(path && *path) << "KVP_LIBRARY is not set (CTest sets it)";
-    char error[1024] = {};
-    ASSERT_EQ(kvp_api_load(&api, path, error, sizeof error), 0) << error;
-    loaded = true;
-  }
-};
+class Robustness : public LoadedAbi {};
 
 // {"backend_config_type": "DenseConfig", "backend_config": {"window_left": 7, "logits_soft_cap": 5.0}}
 // as flatc -b writes it.

@@ -1,0 +1,57 @@
+// What every ABI test executable shares: the library loaded once through dlopen (from KVP_LIBRARY,
+// as CTest sets it) and the helpers that check a failing call's status and message. Each test file
+// is its own executable, so these live in an anonymous namespace.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <string>
+#include <string_view>
+
+#include "kvplug/kvplug_dl.h"
+
+namespace {
+
+kvp_api api;
+
+::testing::AssertionResult LoadLibrary() {
+  static bool loaded = false;
+  if (loaded) return ::testing::AssertionSuccess();
+  const char* path = std::getenv("KVP_LIBRARY");
+  if (!path || !*path)
+    return ::testing::AssertionFailure()
+           << "KVP_LIBRARY is not set: it must name libkvplug.so (CTest sets it; run through ctest or "
+              "export KVP_LIBRARY=/path/to/libkvplug.so)";
+  char error[1024] = {};
+  if (kvp_api_load(&api, path, error, sizeof error) != 0)
+    return ::testing::AssertionFailure() << "kvp_api_load failed: " << error;
+  loaded = true;
+  return ::testing::AssertionSuccess();
+}
+
+// A fixture that loads the library before each test.
+class LoadedAbi : public ::testing::Test {
+ protected:
+  void SetUp() override { ASSERT_TRUE(LoadLibrary()); }
+};
+
+[[maybe_unused]] std::string Name(kvp_status s) { return api.kvp_status_string(s); }
+
+// A failure whose message no call under test produces: set before each checked call so that a
+// call that fails without recording its own message is caught.
+[[maybe_unused]] constexpr const char* kMarker = "kvp_backend_name: index=-424242";
+[[maybe_unused]] void SetMarker() {
+  const char* name = nullptr;
+  (void)api.kvp_backend_name(-424242, &name);
+}
+
+// The entry point a checked expression calls: "api.kvp_x(...)" -> "kvp_x".
+[[maybe_unused]] std::string EntryPoint(std::string_view expr) {
+  const size_t at = expr.find("api.kvp_");
+  if (at == std::string_view::npos) return "";
+  const size_t begin = at + 4;
+  return std::string(expr.substr(begin, expr.find('(', begin) - begin));
+}
+
+}  // namespace
