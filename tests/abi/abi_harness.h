@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 #include <string_view>
 
@@ -53,5 +54,41 @@ class LoadedAbi : public ::testing::Test {
   const size_t begin = at + 4;
   return std::string(expr.substr(begin, expr.find('(', begin) - begin));
 }
+
+[[maybe_unused]] void CheckStatus(kvp_status got, kvp_status want, const char* expr, const char* file, int line,
+                 std::initializer_list<std::string_view> parts) {
+  const std::string msg = api.kvp_last_error();
+  if (got != want) {
+    ADD_FAILURE_AT(file, line) << expr << " returned " << Name(got) << ", expected " << Name(want)
+                               << "; kvp_last_error: \"" << msg << "\"";
+    return;
+  }
+  if (want == KVP_OK) return;
+  if (msg.empty() || msg.find(kMarker) != std::string::npos) {
+    ADD_FAILURE_AT(file, line) << expr << " failed without recording a message (\"" << msg << "\")";
+    return;
+  }
+  const std::string fn = EntryPoint(expr);
+  if (!fn.empty() && msg.rfind(fn + ":", 0) != 0)
+    ADD_FAILURE_AT(file, line) << expr << ": message \"" << msg << "\" does not start with \"" << fn << ":\"";
+  for (std::string_view p : parts)
+    if (msg.find(p) == std::string::npos)
+      ADD_FAILURE_AT(file, line) << expr << ": message \"" << msg << "\" lacks \"" << p << "\"";
+}
+
+// EXPECT_KVP(call, status, "substring", ...): the exact status, and on failure a fresh message that
+// starts with the entry point's name and holds every substring.
+#define EXPECT_KVP(expr, want, ...)                                               \
+  do {                                                                            \
+    SetMarker();                                                                  \
+    const kvp_status got_ = (expr);                                               \
+    CheckStatus(got_, (want), #expr, __FILE__, __LINE__, {__VA_ARGS__});          \
+  } while (0)
+
+#define ASSERT_OK(expr)                                                                     \
+  do {                                                                                      \
+    const kvp_status s_ = (expr);                                                           \
+    ASSERT_EQ(s_, KVP_OK) << #expr << ": " << Name(s_) << ": " << api.kvp_last_error();     \
+  } while (0)
 
 }  // namespace
