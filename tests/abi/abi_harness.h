@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <initializer_list>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -30,6 +31,17 @@ kvp_api api;
   loaded = true;
   return ::testing::AssertionSuccess();
 }
+
+// Owning handles: destroyed through the loaded library.
+struct Deleter {
+  void operator()(kvp_context* p) const { api.kvp_context_destroy(p); }
+  void operator()(kvp_block_manager* p) const { api.kvp_block_manager_destroy(p); }
+  void operator()(kvp_kv_cache* p) const { api.kvp_kv_cache_destroy(p); }
+  void operator()(kvp_plan* p) const { api.kvp_plan_destroy(p); }
+  void operator()(kvp_attention* p) const { api.kvp_attention_destroy(p); }
+};
+template <class T>
+using Handle = std::unique_ptr<T, Deleter>;
 
 // A fixture that loads the library before each test.
 class LoadedAbi : public ::testing::Test {

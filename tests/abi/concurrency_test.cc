@@ -51,15 +51,6 @@ struct Problems {
     }                                                                                          \
   } while (0)
 
-struct Deleter {
-  void operator()(kvp_context* p) const { api.kvp_context_destroy(p); }
-  void operator()(kvp_block_manager* p) const { api.kvp_block_manager_destroy(p); }
-  void operator()(kvp_kv_cache* p) const { api.kvp_kv_cache_destroy(p); }
-  void operator()(kvp_plan* p) const { api.kvp_plan_destroy(p); }
-  void operator()(kvp_attention* p) const { api.kvp_attention_destroy(p); }
-};
-template <class T>
-using Handle = std::unique_ptr<T, Deleter>;
 
 constexpr DLDataType kF32{kDLFloat, 32, 1};
 constexpr DLDataType kI64{kDLInt, 64, 1};
