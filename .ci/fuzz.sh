@@ -12,15 +12,17 @@
 #                  bookkeeping and the invariants observable through the ABI checked after each call
 #   dlpack         DLPack tensor validation: arbitrary shapes, strides, dtypes, devices and byte
 #                  offsets on every tensor argument, over memory exactly as large as the tensor spans
+#   batch          batch descriptions with phase markers (context_lens, query_pos_starts) against
+#                  Star configs (blocks, anchors, shards) and dense: accepted batches run in bounds
 #
-# Usage: .ci/fuzz.sh [SECONDS] [harness...]   (default: 60, all three). KVP_JOBS sets build jobs.
+# Usage: .ci/fuzz.sh [SECONDS] [harness...]   (default: 60, all four). KVP_JOBS sets build jobs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 secs=${1:-60}
 shift || true
 harnesses=("$@")
-[ ${#harnesses[@]} -gt 0 ] || harnesses=(config block_manager dlpack)
+[ ${#harnesses[@]} -gt 0 ] || harnesses=(config block_manager dlpack batch)
 jobs=${KVP_JOBS:-2}
 
 packages=(cmake make clang libclang-rt-dev libflatbuffers-dev flatbuffers-compiler libabsl-dev libfmt-dev

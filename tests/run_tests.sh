@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The test command: install, build, run every CPU test (ctest; the `gpu` label runs on a GPU
-# machine, see README), then the Python, Rust and Go bindings' tests and examples, then the mini
+# machine, see README), the outside C consumers of an installed tree, then the Python, Rust and Go bindings' tests and examples, then the mini
 # serving engine's tests. KVP_SKIP_BINDINGS=1 / KVP_SKIP_ENGINE=1 leave those out.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../.ci/setup.sh"
 ctest --test-dir "$KVP_BUILD_DIR" --output-on-failure -j"$jobs" -LE gpu
+echo "== outside consumers (cmake --install, find_package, pkg-config)"
+bash tests/consumers/run.sh "$KVP_BUILD_DIR"
 if [ "${KVP_SKIP_BINDINGS:-0}" != 1 ]; then
   for binding in python rust go; do
     echo "== bindings/$binding"

@@ -1,5 +1,6 @@
 // Backend configs: FlatBuffers binary (verified before it is read) or JSON parsed against the schema
 // compiled into the library, then translated once into the plain C++ config of the backend.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -39,6 +40,37 @@ constexpr BackendConfigName kConfigTypes[] = {
 
 kvp_status Invalid(std::string msg) { return Fail(KVP_ERR_INVALID_CONFIG, msg); }
 
+// The schema nests at most 3 levels (the root object, a backend's table, a vector): anything deeper
+// is refused before a parser recurses into it.
+constexpr flatbuffers::uoffset_t kMaxConfigDepth = 16;
+constexpr flatbuffers::uoffset_t kMaxConfigTables = 1024;
+
+// The deepest nesting of '{' and '[' in a JSON config, outside strings and comments (FlatBuffers'
+// JSON: "..." or '...' strings with backslash escapes, // and /* */ comments). Stops counting once
+// past the limit. FlatBuffers' own parser bounds its recursion too (FLATBUFFERS_MAX_PARSING_DEPTH);
+// this check does not depend on the version or build of the library it links.
+size_t JsonNestingDepth(std::string_view text, size_t limit) {
+  size_t depth = 0, deepest = 0;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (c == '"' || c == '\'') {
+      for (++i; i < text.size() && text[i] != c; ++i)
+        if (text[i] == '\\') ++i;
+    } else if (c == '/' && i + 1 < text.size() && text[i + 1] == '/') {
+      while (i < text.size() && text[i] != '\n') ++i;
+    } else if (c == '/' && i + 1 < text.size() && text[i + 1] == '*') {
+      const size_t end = text.find("*/", i + 2);
+      i = end == std::string_view::npos ? text.size() : end + 1;
+    } else if (c == '{' || c == '[') {
+      deepest = std::max(deepest, ++depth);
+      if (deepest > limit) return deepest;
+    } else if ((c == '}' || c == ']') && depth > 0) {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
 std::vector<float> ToVector(const flatbuffers::Vector<float>* v) {
   return v ? std::vector<float>(v->begin(), v->end()) : std::vector<float>();
 }
@@ -69,35 +101,78 @@ kvp_status Translate(const fb::AttentionConfig& config, std::string_view backend
     }
     case BackendConfig::StarConfig: {
       const auto* c = config.backend_config_as_StarConfig();
-      attn::StarConfig s{c->context_block_size(), c->anchor_block_size()};
+      attn::StarConfig s{c->context_block_size(), c->anchor_block_size(), c->num_shards(), c->shard_rank(),
+                         c->append_shard()};
       if (s.context_block_size <= 0 || s.anchor_block_size <= 0)
         return Invalid(fmt::format("StarConfig: context_block_size={} and anchor_block_size={} must be > 0",
                                    s.context_block_size, s.anchor_block_size));
+      if (s.anchor_block_size > s.context_block_size)
+        return Invalid(fmt::format("StarConfig: anchor_block_size={} must be <= context_block_size={} (the "
+                                   "anchor lies inside block 0)", s.anchor_block_size, s.context_block_size));
+      if (s.num_shards < 1 || s.num_shards > 1024)
+        return Invalid(fmt::format("StarConfig: num_shards={} must be in [1, 1024]", s.num_shards));
+      if (s.shard_rank < 0 || s.shard_rank >= s.num_shards)
+        return Invalid(fmt::format("StarConfig: shard_rank={} must be in [0, num_shards={})", s.shard_rank,
+                                   s.num_shards));
+      if (s.append_shard < -1 || s.append_shard >= s.num_shards)
+        return Invalid(fmt::format("StarConfig: append_shard={} must be -1 (the last) or in [0, num_shards={})",
+                                   s.append_shard, s.num_shards));
+      if (s.append_shard == -1) s.append_shard = s.num_shards - 1;
       *out = s;
       return KVP_OK;
     }
     case BackendConfig::AttambaConfig: {
       const auto* c = config.backend_config_as_AttambaConfig();
-      attn::AttambaConfig a{c->chunk_size(), c->window(), c->state_size(), c->conv_width()};
-      if (a.chunk_size <= 0 || a.window < 0 || a.state_size <= 0 || a.conv_width <= 0)
-        return Invalid(fmt::format("AttambaConfig: chunk_size={} (> 0), window={} (>= 0), state_size={} (> 0), "
-                                   "conv_width={} (> 0)", a.chunk_size, a.window, a.state_size, a.conv_width));
+      attn::AttambaConfig a;
+      a.chunk_size = c->chunk_size();
+      a.window = c->window();
+      a.state_size = c->state_size();
+      a.conv_width = c->conv_width();
+      a.layer_index = c->layer_index();
+      a.num_layers = c->num_layers();
+      a.chunk_offsets = static_cast<attn::ChunkOffsets>(static_cast<int32_t>(c->chunk_offsets()));
+      a.ssm_heads = c->ssm_heads();
+      a.ssm_head_dim = c->ssm_head_dim();
+      a.ssm_groups = c->ssm_groups();
+      a.norm_eps = c->norm_eps();
+      if (absl::Status s = attn::ValidateParsedConfig(a); !s.ok())
+        return Invalid(fmt::format("AttambaConfig: {}", std::string(s.message())));
       *out = a;
       return KVP_OK;
     }
     case BackendConfig::KvShiftConfig: {
       const auto* c = config.backend_config_as_KvShiftConfig();
       attn::KvShiftConfig k{ToVector(c->alpha_k()), ToVector(c->alpha_v())};
-      for (float x : k.alpha_k) if (!std::isfinite(x)) return Invalid("KvShiftConfig.alpha_k holds a non-finite value");
-      for (float x : k.alpha_v) if (!std::isfinite(x)) return Invalid("KvShiftConfig.alpha_v holds a non-finite value");
+      // The lengths need num_kv_heads: checked when the attention is created.
+      for (const auto& [name, values] : {std::pair<const char*, const std::vector<float>*>{"alpha_k", &k.alpha_k},
+                                         std::pair<const char*, const std::vector<float>*>{"alpha_v", &k.alpha_v}}) {
+        if (values->size() % 2 != 0)
+          return Invalid(fmt::format("KvShiftConfig.{} has {} values: it must hold 2 per KV head (current, previous)",
+                                     name, values->size()));
+        for (size_t i = 0; i < values->size(); ++i)
+          if (!std::isfinite((*values)[i]))
+            return Invalid(fmt::format("KvShiftConfig.{}[{}]={} must be finite", name, i, (*values)[i]));
+      }
+      k.rope_theta = c->rope_theta();
+      k.rotary_dim = c->rotary_dim();
+      const int rope_style = static_cast<int>(c->rope_style());
+      if (!std::isfinite(k.rope_theta) || k.rope_theta < 0.0f)
+        return Invalid(fmt::format("KvShiftConfig.rope_theta={} must be finite and >= 0 (0: no RoPE)", k.rope_theta));
+      if (k.rotary_dim < 0 || k.rotary_dim % 2 != 0)
+        return Invalid(fmt::format("KvShiftConfig.rotary_dim={} must be 0 (head_size) or even and > 0", k.rotary_dim));
+      if (rope_style != 0 && rope_style != 1)
+        return Invalid(fmt::format("KvShiftConfig.rope_style={} must be NeoX (0) or GPTJ (1)", rope_style));
+      k.rope_style = static_cast<attn::RopeStyle>(rope_style);
       *out = std::move(k);
       return KVP_OK;
     }
     case BackendConfig::EntropyConfig: {
       const auto* c = config.backend_config_as_EntropyConfig();
       attn::EntropyConfig e{ToVector(c->temperature()), c->collect_entropy()};
-      for (float x : e.temperature)
-        if (!std::isfinite(x) || x <= 0) return Invalid(fmt::format("EntropyConfig.temperature holds {}; must be > 0", x));
+      for (size_t i = 0; i < e.temperature.size(); ++i)
+        if (!std::isfinite(e.temperature[i]) || e.temperature[i] <= 0)
+          return Invalid(fmt::format("EntropyConfig.temperature[{}]={}; every temperature must be finite and > 0", i,
+                                     e.temperature[i]));
       *out = std::move(e);
       return KVP_OK;
     }
@@ -121,7 +196,9 @@ kvp_status FromBinary(const uint8_t* data, size_t size, std::string_view backend
   if (!fb::AttentionConfigBufferHasIdentifier(data))
     return Invalid(fmt::format("binary config lacks the file identifier \"{}\" (finish the buffer with it)",
                                fb::AttentionConfigIdentifier()));
-  flatbuffers::Verifier verifier(data, size);
+  // Depth and table count bounded explicitly (the schema nests root table -> union table -> vector:
+  // depth 3, two tables), so a hostile buffer cannot make the verifier recurse or loop without end.
+  flatbuffers::Verifier verifier(data, size, /*max_depth=*/kMaxConfigDepth, /*max_tables=*/kMaxConfigTables);
   if (!fb::VerifyAttentionConfigBuffer(verifier))
     return Invalid(fmt::format("binary config of {} bytes fails FlatBuffers verification", size));
   return Translate(*fb::GetAttentionConfig(data), backend, out);
@@ -144,6 +221,9 @@ kvp_status ParseConfig(std::string_view backend, int32_t format, const void* dat
       const std::string text(static_cast<const char*>(data), size);
       if (text.find('\0') != std::string::npos)
         return Invalid("JSON config contains a NUL byte before config_size");
+      if (JsonNestingDepth(text, kMaxConfigDepth) > kMaxConfigDepth)
+        return Invalid(fmt::format("JSON config nests objects and arrays more than {} levels deep (the schema "
+                                   "needs 3)", kMaxConfigDepth));
       // Parsers are not shared between threads: a fresh one per call (configs are not on a hot path).
       flatbuffers::IDLOptions options;
       options.strict_json = false;

@@ -1,7 +1,11 @@
 // DLTensors are checked field by field before anything reads them: a wrong tensor is an error
 // message naming the field and its value, never a crash or a silent misread.
+#include <algorithm>
+#include <array>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <vector>
 
 #include "fmt/format.h"
 #include "fmt/ranges.h"
@@ -104,6 +108,118 @@ kvp_status ToTensorView(const DLTensor* t, const char* name, const kvp_context* 
                                                       name, address, DTypeSize(dtype)));
   v.data = reinterpret_cast<void*>(address);
   *out = v;
+  return KVP_OK;
+}
+
+namespace {
+// [first byte, one past the last byte] a view can touch.
+std::pair<uintptr_t, uintptr_t> ByteExtent(const TensorView& v) {
+  int64_t last = 0;
+  for (int i = 0; i < v.ndim; ++i) last += (v.shape[i] - 1) * v.strides[i];
+  const auto begin = reinterpret_cast<uintptr_t>(v.data);
+  return {begin, begin + static_cast<uintptr_t>((last + 1) * static_cast<int64_t>(DTypeSize(v.dtype)))};
+}
+}  // namespace
+
+namespace {
+// True when two elements of v may share an address: with the axes of extent > 1 sorted by stride,
+// each stride must step past everything the smaller axes span (the classic non-overlap test for
+// strided layouts; it is exact for every layout a framework produces, and never accepts an overlap).
+bool MayOverlapItself(const TensorView& v) {
+  if (v.numel() == 0) return false;
+  std::array<std::pair<int64_t, int64_t>, TensorView::kMaxDims> axes{};
+  int n = 0;
+  for (int i = 0; i < v.ndim; ++i)
+    if (v.shape[i] > 1) axes[n++] = {v.strides[i], v.shape[i]};
+  for (int i = 1; i < n; ++i)  // insertion sort of at most 6 axes
+    for (int j = i; j > 0 && axes[j].first < axes[j - 1].first; --j) std::swap(axes[j], axes[j - 1]);
+  __int128 span = 1;  // elements covered by the smaller axes
+  for (int i = 0; i < n; ++i) {
+    if (axes[i].first < span) return true;
+    span += static_cast<__int128>(axes[i].first) * (axes[i].second - 1);
+  }
+  return false;
+}
+
+std::string Join(const std::array<int64_t, TensorView::kMaxDims>& a, int n) {
+  return fmt::format("{}", fmt::join(a.begin(), a.begin() + n, ", "));
+}
+}  // namespace
+
+kvp_status CheckWritable(const TensorView& v, const char* name) {
+  if (MayOverlapItself(v))
+    return Fail(KVP_ERR_INVALID_ARGUMENT,
+                fmt::format("{}: strides [{}] with shape [{}] map two elements to one address (a writable "
+                            "tensor must not overlap itself)",
+                            name, Join(v.strides, v.ndim), Join(v.shape, v.ndim)));
+  return KVP_OK;
+}
+
+kvp_status CheckCacheLayer(const TensorView& v, int kv_axis, const char* name) {
+  // K alone (the kv axis dropped; V has the same strides) first, so that the message says which.
+  TensorView k = v;
+  k.shape[kv_axis] = 1;
+  if (MayOverlapItself(k))
+    return Fail(KVP_ERR_INVALID_ARGUMENT,
+                fmt::format("{}: strides [{}] with shape [{}] map two elements of the K (and V) view to one "
+                            "address (blocks, positions or heads overlap; a cache layer is written and must "
+                            "not overlap itself)",
+                            name, Join(v.strides, v.ndim), Join(v.shape, v.ndim)));
+  if (MayOverlapItself(v))
+    return Fail(KVP_ERR_INVALID_ARGUMENT,
+                fmt::format("{}: strides [{}] with shape [{}]: the K and V views overlap each other (kv stride "
+                            "{}; a cache's K and V must not share memory)",
+                            name, Join(v.strides, v.ndim), Join(v.shape, v.ndim), v.strides[kv_axis]));
+  return KVP_OK;
+}
+
+kvp_status CheckCacheLayersDisjoint(const std::vector<TensorView>& layers) {
+  // Layers sorted by their first byte; only layers whose byte extents intersect are compared
+  // element-exactly (interleaved layers of one allocation, as [num_blocks, num_layers, 2, ...]).
+  std::vector<std::pair<std::pair<uintptr_t, uintptr_t>, size_t>> order;
+  for (size_t i = 0; i < layers.size(); ++i)
+    if (layers[i].numel() > 0) order.push_back({ByteExtent(layers[i]), i});
+  std::sort(order.begin(), order.end());
+  int64_t budget = int64_t{1} << 24;  // pairs compared: bounds the time for absurd layer counts
+  for (size_t x = 0; x < order.size(); ++x)
+    for (size_t y = x + 1; y < order.size() && order[y].first.first < order[x].first.second; ++y) {
+      const TensorView& a = layers[order[x].second];
+      const TensorView& b = layers[order[y].second];
+      const size_t ia = order[x].second, ib = order[y].second;
+      if (--budget < 0)
+        return Fail(KVP_ERR_INVALID_ARGUMENT,
+                    fmt::format("layer_tensors: more than 2^24 pairs of interleaved layers to check for overlap"));
+      const uintptr_t delta = order[y].first.first - order[x].first.first;
+      const auto elem = static_cast<uintptr_t>(DTypeSize(a.dtype));
+      bool disjoint = false;
+      if (delta > 0 && delta % elem == 0 && a.ndim == b.ndim && a.shape == b.shape && a.strides == b.strides &&
+          a.ndim < TensorView::kMaxDims) {
+        // The pair as one tensor with a layer axis of extent 2 and stride delta: disjoint if that
+        // tensor does not overlap itself.
+        TensorView pair = a;
+        pair.shape[a.ndim] = 2;
+        pair.strides[a.ndim] = static_cast<int64_t>(delta / elem);
+        pair.ndim = a.ndim + 1;
+        disjoint = !MayOverlapItself(pair);
+      }
+      if (!disjoint)
+        return Fail(KVP_ERR_INVALID_ARGUMENT,
+                    fmt::format("layer_tensors[{}] (data {:#x}, strides [{}]) and layer_tensors[{}] (data {:#x}, "
+                                "strides [{}]) share memory: the layers of a cache must not overlap each other",
+                                ia, reinterpret_cast<uintptr_t>(a.data), Join(a.strides, a.ndim), ib,
+                                reinterpret_cast<uintptr_t>(b.data), Join(b.strides, b.ndim)));
+    }
+  return KVP_OK;
+}
+
+kvp_status CheckDisjoint(const TensorView& a, const char* a_name, const TensorView& b, const char* b_name) {
+  if (a.numel() == 0 || b.numel() == 0) return KVP_OK;
+  const auto [a0, a1] = ByteExtent(a);
+  const auto [b0, b1] = ByteExtent(b);
+  if (a0 < b1 && b0 < a1)
+    return Fail(KVP_ERR_INVALID_ARGUMENT,
+                fmt::format("{} (bytes [{:#x}, {:#x})) overlaps {} (bytes [{:#x}, {:#x})): a writable tensor must "
+                            "not share memory with another argument", a_name, a0, a1, b_name, b0, b1));
   return KVP_OK;
 }
 

@@ -6,7 +6,8 @@
 
 #include "fmt/format.h"
 #include "internal.h"
-#include "kvplug/attention/dense/dense.h"
+#include "kvplug/attention/cpu_engine.h"
+#include "kvplug/attention/engine.h"
 #include "kvplug/kv_cache/cuda_kernels.h"
 #include "kvplug/kv_cache/device.h"
 
@@ -20,18 +21,6 @@ namespace paged = kvplug::paged;
 
 namespace {
 
-#define KVP_REQUIRE(cond, ...) \
-  do {                         \
-    if (!(cond)) return Fail(KVP_ERR_INVALID_ARGUMENT, fmt::format(__VA_ARGS__)); \
-  } while (0)
-
-#define KVP_RETURN_IF_ERROR(expr)            \
-  do {                                       \
-    if (kvp_status s_ = (expr); s_ != KVP_OK) return s_; \
-  } while (0)
-
-// Block-manager calls report pool exhaustion as KVP_ERR_NO_FREE_BLOCKS.
-kvp_status BmStatus(const absl::Status& s) { return FromStatus(s, KVP_ERR_NO_FREE_BLOCKS); }
 
 kvp_status CheckDType(int32_t dtype, const char* name) {
   KVP_REQUIRE(dtype >= 0 && dtype <= KVP_DTYPE_FP8_E4M3, "{}={} is not a kvp_dtype (0..3)", name, dtype);
@@ -80,12 +69,38 @@ KVP_API kvp_status kvp_backend_info_get(const char* name, kvp_backend_info* out_
     kvp_backend_info v{};
     v.struct_size = sizeof(v);
     v.name = info->name.data();
-    v.dtype_mask = info->dtype_mask;
-    v.device_mask = info->device_mask;
-    v.head_sizes = info->head_sizes.data();
-    v.num_head_sizes = static_cast<int32_t>(info->head_sizes.size());
+    v.dtype_mask = info->dtype_mask();
+    v.device_mask = info->device_mask();
+    v.head_sizes = info->cpu.head_sizes.data();
+    v.num_head_sizes = static_cast<int32_t>(info->cpu.head_sizes.size());
     v.supports_lse = info->supports_lse;
     v.needs_state_slots = info->needs_state_slots;
+    return WriteOutput(v, out_info, "out_info");
+  });
+}
+
+KVP_API kvp_status kvp_backend_device_info_get(const char* name, int32_t device_type,
+                                               kvp_backend_device_info* out_info) {
+  return Guard(__func__, [&] {
+    KVP_REQUIRE(name, "name is NULL");
+    KVP_REQUIRE(device_type == kDLCPU || device_type == kDLCUDA,
+                "device_type={} is not kDLCPU (1) or kDLCUDA (2)", device_type);
+    const attn::BackendInfo* info = attn::FindBackend(name);
+    if (!info) return Fail(KVP_ERR_NOT_FOUND, fmt::format("no backend named '{}'", name));
+    const attn::DeviceCaps* caps = info->caps(static_cast<Device>(device_type));
+    kvp_backend_device_info v{};
+    v.struct_size = sizeof(v);
+    v.device_type = device_type;
+    v.available = caps != nullptr;
+    if (caps) {
+      v.dtype_mask = caps->dtype_mask;
+      v.head_sizes = caps->head_sizes.data();
+      v.num_head_sizes = static_cast<int32_t>(caps->head_sizes.size());
+    }
+    v.supports_lse = info->supports_lse;
+    v.supports_entropy = info->supports_entropy;
+    v.needs_state_slots = info->needs_state_slots;
+    v.experimental = info->experimental;
     return WriteOutput(v, out_info, "out_info");
   });
 }
@@ -496,6 +511,7 @@ KVP_API kvp_status kvp_kv_cache_create_from_tensors(const kvp_context* context, 
     KVP_REQUIRE(num_layer_tensors == o.num_layers, "num_layer_tensors={} but num_layers={}", num_layer_tensors,
                 o.num_layers);
     std::vector<kv::PagedLayer> layers;
+    std::vector<TensorView> views;
     const kv::PagedLayer want = kv::MakeContiguousLayer(nullptr, o, o.num_blocks);
     const auto shape = want.Shape(o.layout);
     for (int32_t l = 0; l < o.num_layers; ++l) {
@@ -508,15 +524,19 @@ KVP_API kvp_status kvp_kv_cache_create_from_tensors(const kvp_context* context, 
       for (int i = 0; i < 5; ++i)
         KVP_REQUIRE(v.shape[i] == shape[i], "{}: shape[{}]={} but the layout needs {}", name, i, v.shape[i], shape[i]);
       KVP_REQUIRE(v.strides[4] == 1, "{}: the head axis must be contiguous (stride {})", name, v.strides[4]);
+      const bool kv_first = o.layout == kv::Layout::kKvFirst;
+      // The cache writes these pages: no two elements may share an address, K and V included.
+      KVP_RETURN_IF_ERROR(CheckCacheLayer(v, kv_first ? 0 : 1, name.c_str()));
+      views.push_back(v);
       kv::PagedLayer p = want;
       p.data = v.data;
-      const bool kv_first = o.layout == kv::Layout::kKvFirst;
       p.stride_kv = v.strides[kv_first ? 0 : 1];
       p.stride_block = v.strides[kv_first ? 1 : 0];
       p.stride_pos = v.strides[2];
       p.stride_head = v.strides[3];
       layers.push_back(p);
     }
+    KVP_RETURN_IF_ERROR(CheckCacheLayersDisjoint(views));
     return FinishCache(context, kv::KvCache::CreateExternal(o, std::move(layers)), out_cache);
   });
 }
@@ -659,7 +679,22 @@ KVP_API kvp_status kvp_plan_update(kvp_plan* plan, const kvp_batch* batch) {
     in.kv_indices = b.kv_indices;
     in.slot_mapping = b.slot_mapping;
     in.state_slots = b.state_slots;
-    return FromStatus(plan->plan.Update(in, plan->context->exec.stream));
+    in.context_lens = b.context_lens;
+    in.query_pos_starts = b.query_pos_starts;
+    if (kvp_status s = FromStatus(plan->plan.Update(in, plan->context->exec.stream)); s != KVP_OK) return s;
+    if (kvp_status s = FromStatus(plan->steps.UpdateAll(plan->plan, plan->context->exec)); s != KVP_OK) {
+      (void)plan->plan.Update(attn::BatchInput{});  // a plan whose step work failed is never run
+      return s;
+    }
+    return KVP_OK;
+  });
+}
+
+KVP_API kvp_status kvp_plan_attach(kvp_plan* plan, const kvp_attention* attention) {
+  return Guard(__func__, [&] {
+    KVP_REQUIRE(plan && attention, "plan and attention are required");
+    KVP_REQUIRE(plan->context == attention->context, "plan and attention belong to different contexts");
+    return FromStatus(plan->steps.Attach(attention->step_key, *attention->impl, attention->heads, plan->plan, plan->context->exec));
   });
 }
 
@@ -695,27 +730,24 @@ KVP_API kvp_status kvp_attention_create(const kvp_context* context, const kvp_at
     heads.head_size = o.head_size;
     heads.kv_dtype = static_cast<DType>(o.kv_dtype);
     heads.sm_scale = o.sm_scale > 0 ? o.sm_scale : 1.0f / std::sqrt(static_cast<float>(std::max(o.head_size, 1)));
-    KVP_RETURN_IF_ERROR(FromStatus(attn::ValidateHeads(*info, heads, context->exec.device)));
-    auto impl = info->create(heads, config, context->exec.device);
+    auto impl = attn::CreateBackend(*info, heads, config, context->exec);
     if (!impl.ok()) return FromStatus(impl.status());
     auto handle = std::make_unique<kvp_attention>();
     handle->context = context;
     handle->backend = std::string(info->name);
     handle->heads = heads;
     handle->impl = std::move(*impl);
-    if (context->exec.device == Device::kCuda && info->name == "dense") {
-      // Size the context's split-KV scratch for these heads now: runs must not allocate.
-      const int64_t need = attn::dense::CudaWorkspaceBytes(heads);
-      if (need > context->exec.workspace_bytes) {
-        void* p = nullptr;
-        if (const int e = kv::cuda::DeviceAlloc(&p, need, context->exec.device_id); e != 0)
-          return Fail(KVP_ERR_OUT_OF_MEMORY, fmt::format("allocating {} bytes of attention workspace: {}", need,
-                                                         kv::cuda::ErrorString(e)));
-        auto* ctx = const_cast<kvp_context*>(context);  // the workspace is the context's shared scratch
-        ctx->workspace = std::unique_ptr<void, void (*)(void*)>(p, &kv::cuda::DeviceFree);
-        ctx->exec.workspace = p;
-        ctx->exec.workspace_bytes = need;
-      }
+    handle->step_key = attn::StepKey(*handle->impl, heads);
+    if (const int64_t need = handle->impl->workspace_bytes();
+        context->exec.device == Device::kCuda && need > context->exec.workspace_bytes) {
+      // Size the context's shared scratch now: runs must not allocate.
+      void* p = nullptr;
+      if (const int e = kv::cuda::DeviceAlloc(&p, need, context->exec.device_id); e != 0)
+        return Fail(KVP_ERR_OUT_OF_MEMORY, fmt::format("allocating {} bytes of attention workspace: {}", need,
+                                                       kv::cuda::ErrorString(e)));
+      context->workspace = std::unique_ptr<void, void (*)(void*)>(p, &kv::cuda::DeviceFree);
+      context->exec.workspace = p;
+      context->exec.workspace_bytes = need;
     }
     *out_attention = handle.release();
     return KVP_OK;
@@ -739,19 +771,170 @@ KVP_API kvp_status kvp_attention_write_kv(const kvp_attention* attention, const 
   });
 }
 
+extern "C++" {
+namespace {
+kvp_status RunAttention(const kvp_attention* attention, const kvp_plan* plan, const kvp_kv_cache* cache,
+                        int32_t layer, const DLTensor* query, DLTensor* out, DLTensor* lse, DLTensor* entropy,
+                        DLTensor* summary = nullptr) {
+  KVP_REQUIRE(attention && plan && cache, "attention, plan and cache are required");
+  KVP_REQUIRE(cache->context->exec.device == attention->context->exec.device,
+              "cache and attention live on different devices");
+  KVP_REQUIRE(plan->context == attention->context, "plan and attention belong to different contexts");
+  const attn::BackendInfo* info = attn::FindBackend(attention->backend);
+  TensorView q, o, l, e;
+  KVP_RETURN_IF_ERROR(ToTensorView(query, "query", attention->context, 3, &q));
+  KVP_RETURN_IF_ERROR(ToTensorView(out, "out", attention->context, 3, &o));
+  KVP_RETURN_IF_ERROR(CheckWritable(o, "out"));
+  KVP_RETURN_IF_ERROR(CheckDisjoint(o, "out", q, "query"));
+  if (lse) {
+    if (!info->supports_lse)
+      return Fail(KVP_ERR_NOT_SUPPORTED, fmt::format("backend '{}' does not write lse", attention->backend));
+    KVP_RETURN_IF_ERROR(ToTensorView(lse, "lse", attention->context, 2, &l));
+    KVP_RETURN_IF_ERROR(CheckWritable(l, "lse"));
+    KVP_RETURN_IF_ERROR(CheckDisjoint(l, "lse", q, "query"));
+    KVP_RETURN_IF_ERROR(CheckDisjoint(l, "lse", o, "out"));
+  }
+  if (entropy) {
+    if (!info->supports_entropy)
+      return Fail(KVP_ERR_NOT_SUPPORTED, fmt::format("backend '{}' does not write entropy", attention->backend));
+    KVP_RETURN_IF_ERROR(ToTensorView(entropy, "entropy", attention->context, 2, &e));
+    KVP_RETURN_IF_ERROR(CheckWritable(e, "entropy"));
+    KVP_RETURN_IF_ERROR(CheckDisjoint(e, "entropy", q, "query"));
+    KVP_RETURN_IF_ERROR(CheckDisjoint(e, "entropy", o, "out"));
+    if (lse) KVP_RETURN_IF_ERROR(CheckDisjoint(e, "entropy", l, "lse"));
+  }
+  TensorView sv;
+  if (summary) {
+    if (!info->supports_entropy)
+      return Fail(KVP_ERR_NOT_SUPPORTED, fmt::format("backend '{}' does not compute entropy", attention->backend));
+    KVP_RETURN_IF_ERROR(ToTensorView(summary, "entropy_summary", attention->context, 2, &sv));
+    KVP_RETURN_IF_ERROR(CheckWritable(sv, "entropy_summary"));
+    KVP_RETURN_IF_ERROR(CheckDisjoint(sv, "entropy_summary", q, "query"));
+    KVP_RETURN_IF_ERROR(CheckDisjoint(sv, "entropy_summary", o, "out"));
+    if (lse) KVP_RETURN_IF_ERROR(CheckDisjoint(sv, "entropy_summary", l, "lse"));
+    if (entropy) KVP_RETURN_IF_ERROR(CheckDisjoint(sv, "entropy_summary", e, "entropy"));
+  }
+  const attn::AttentionOutputs outputs{&o, lse ? &l : nullptr, entropy ? &e : nullptr, summary ? &sv : nullptr};
+  if (plan->plan.empty())
+    return Fail(KVP_ERR_FAILED_PRECONDITION, "the plan holds no batch: call kvp_plan_update first (or it failed)");
+  auto work = plan->steps.Get(attention->step_key, *attention->impl, attention->heads, plan->plan, attention->context->exec);
+  if (!work.ok()) return FromStatus(work.status());
+  const attn::RunArgs args{plan->plan, **work, *cache->cache, layer, q, outputs, attention->context->exec};
+  KVP_RETURN_IF_ERROR(FromStatus(attn::ValidateRun(attention->heads, args)));
+  return FromStatus(attention->impl->Run(args));
+}
+}  // namespace
+}  // extern "C++"
+
 KVP_API kvp_status kvp_attention_run(const kvp_attention* attention, const kvp_plan* plan, const kvp_kv_cache* cache,
                                      int32_t layer, const DLTensor* query, DLTensor* out, DLTensor* lse) {
+  return Guard(__func__, [&] { return RunAttention(attention, plan, cache, layer, query, out, lse, nullptr); });
+}
+
+KVP_API kvp_status kvp_attention_run_v2(const kvp_attention* attention, const kvp_plan* plan,
+                                        const kvp_kv_cache* cache, int32_t layer, const DLTensor* query,
+                                        const kvp_attention_outputs* outputs) {
+  return Guard(__func__, [&] {
+    kvp_attention_outputs o{};
+    KVP_RETURN_IF_ERROR(ReadOptions(outputs, "outputs", &o));
+    KVP_REQUIRE(o.out, "outputs->out is NULL");
+    return RunAttention(attention, plan, cache, layer, query, o.out, o.lse, o.entropy, o.entropy_summary);
+  });
+}
+
+KVP_API kvp_status kvp_attention_merge_states(const kvp_context* context, const kvp_merge_states_args* args) {
+  return Guard(__func__, [&] {
+    KVP_REQUIRE(context, "context is NULL");
+    kvp_merge_states_args a{};
+    KVP_RETURN_IF_ERROR(ReadOptions(args, "args", &a));
+    TensorView po, pl, pe, o, l, e;
+    KVP_RETURN_IF_ERROR(ToTensorView(a.partial_out, "partial_out", context, 4, &po));
+    KVP_RETURN_IF_ERROR(ToTensorView(a.partial_lse, "partial_lse", context, 3, &pl));
+    if (a.partial_entropy) KVP_RETURN_IF_ERROR(ToTensorView(a.partial_entropy, "partial_entropy", context, 3, &pe));
+    KVP_RETURN_IF_ERROR(ToTensorView(a.out, "out", context, 3, &o));
+    if (a.lse) KVP_RETURN_IF_ERROR(ToTensorView(a.lse, "lse", context, 2, &l));
+    if (a.entropy) KVP_RETURN_IF_ERROR(ToTensorView(a.entropy, "entropy", context, 2, &e));
+    const attn::MergeStatesArgs m{&po, &pl, a.partial_entropy ? &pe : nullptr, &o, a.lse ? &l : nullptr,
+                                  a.entropy ? &e : nullptr};
+    KVP_RETURN_IF_ERROR(FromStatus(attn::ValidateMergeStates(m), KVP_ERR_INVALID_ARGUMENT));
+    // Outputs: none overlaps itself, another output or an input.
+    const std::pair<const TensorView*, const char*> inputs[] = {
+        {&po, "partial_out"}, {&pl, "partial_lse"}, {m.partial_entropy, "partial_entropy"}};
+    const std::pair<const TensorView*, const char*> outs[] = {{&o, "out"}, {m.lse, "lse"}, {m.entropy, "entropy"}};
+    for (size_t i = 0; i < 3; ++i) {
+      if (!outs[i].first) continue;
+      KVP_RETURN_IF_ERROR(CheckWritable(*outs[i].first, outs[i].second));
+      for (const auto& [in, name] : inputs)
+        if (in) KVP_RETURN_IF_ERROR(CheckDisjoint(*outs[i].first, outs[i].second, *in, name));
+      for (size_t j = 0; j < i; ++j)
+        if (outs[j].first) KVP_RETURN_IF_ERROR(CheckDisjoint(*outs[i].first, outs[i].second, *outs[j].first, outs[j].second));
+    }
+    if (context->exec.device == Device::kCuda)
+      return FromStatus(attn::MergeStatesCuda(m, context->exec.stream), KVP_ERR_INVALID_ARGUMENT);
+    attn::MergeStatesCpu(m, context->exec.pool);
+    return KVP_OK;
+  });
+}
+
+KVP_API kvp_status kvp_attention_cache_layout(const kvp_attention* attention, int32_t block_size, int32_t num_tokens,
+                                              int32_t query_pos_start, kvp_cache_layout* out_layout) {
+  return Guard(__func__, [&] {
+    KVP_REQUIRE(attention && out_layout, "attention and out_layout are required");
+    KVP_REQUIRE(block_size >= 1 && block_size <= 65536, "block_size={} must be in [1, 65536]", block_size);
+    KVP_REQUIRE(num_tokens >= 0 && num_tokens <= (1 << 30), "num_tokens={} must be in [0, 2^30]", num_tokens);
+    KVP_REQUIRE(query_pos_start >= 0 && query_pos_start <= num_tokens,
+                "query_pos_start={} must be in [0, num_tokens={}]", query_pos_start, num_tokens);
+    const attn::CacheLayout l = attention->impl->Layout(block_size, num_tokens, query_pos_start);
+    kvp_cache_layout v{};
+    v.struct_size = sizeof v;
+    v.seq_len = l.seq_len;
+    v.num_pages = l.num_pages;
+    v.compressed_rows = l.compressed_rows;
+    v.compressed_pages = l.compressed_pages;
+    v.stable_rows = l.stable_rows;
+    v.window_first_page = l.window_first_page;
+    v.window_pages = l.window_pages;
+    return WriteOutput(v, out_layout, "out_layout");
+  });
+}
+
+KVP_API kvp_status kvp_attention_ssm(const kvp_attention* attention, const kvp_plan* plan, kvp_kv_cache* cache,
+                                     int32_t layer, const kvp_ssm_args* args) {
   return Guard(__func__, [&] {
     KVP_REQUIRE(attention && plan && cache, "attention, plan and cache are required");
     KVP_REQUIRE(cache->context->exec.device == attention->context->exec.device,
                 "cache and attention live on different devices");
-    TensorView q, o, l;
-    KVP_RETURN_IF_ERROR(ToTensorView(query, "query", attention->context, 3, &q));
-    KVP_RETURN_IF_ERROR(ToTensorView(out, "out", attention->context, 3, &o));
-    if (lse) KVP_RETURN_IF_ERROR(ToTensorView(lse, "lse", attention->context, 2, &l));
-    const attn::RunArgs args{plan->plan, *cache->cache, layer, q, o, lse ? &l : nullptr, attention->context->exec};
-    KVP_RETURN_IF_ERROR(FromStatus(attn::ValidateRun(attention->heads, args)));
-    return FromStatus(attention->impl->Run(args));
+    KVP_REQUIRE(plan->context == attention->context, "plan and attention belong to different contexts");
+    kvp_ssm_args a{};
+    KVP_RETURN_IF_ERROR(ReadOptions(args, "args", &a));
+    const kvp_context* ctx = attention->context;
+    TensorView in, out;
+    KVP_RETURN_IF_ERROR(ToTensorView(a.in, "in", ctx, 2, &in));
+    KVP_RETURN_IF_ERROR(ToTensorView(a.out, "out", ctx, 2, &out));
+    KVP_RETURN_IF_ERROR(CheckWritable(out, "out"));
+    KVP_RETURN_IF_ERROR(CheckDisjoint(out, "out", in, "in"));
+    TensorView views[6];
+    const TensorView* ptrs[6] = {};
+    const std::pair<const DLTensor*, const char*> params[6] = {{a.conv_weight, "conv_weight"}, {a.conv_bias, "conv_bias"},
+                                                               {a.dt_bias, "dt_bias"},         {a.a_log, "a_log"},
+                                                               {a.d_skip, "d_skip"},           {a.norm_weight, "norm_weight"}};
+    for (int i = 0; i < 6; ++i) {
+      if (!params[i].first) continue;
+      KVP_RETURN_IF_ERROR(ToTensorView(params[i].first, params[i].second, ctx, i == 0 ? 2 : 1, &views[i]));
+      KVP_RETURN_IF_ERROR(CheckDisjoint(out, "out", views[i], params[i].second));
+      ptrs[i] = &views[i];
+    }
+    const attn::SsmArgs s{plan->plan, *cache->cache, layer, a.which, in, ptrs[0], ptrs[1], ptrs[2], ptrs[3],
+                          ptrs[4], ptrs[5], out, ctx->exec};
+    return FromStatus(attention->impl->RunSsm(s));
+  });
+}
+
+KVP_API kvp_status kvp_attention_state_bytes(const kvp_attention* attention, int64_t* out_bytes_per_layer) {
+  return Guard(__func__, [&] {
+    KVP_REQUIRE(attention && out_bytes_per_layer, "attention and out_bytes_per_layer are required");
+    *out_bytes_per_layer = attention->impl->state_bytes_per_layer();
+    return KVP_OK;
   });
 }
 

@@ -183,11 +183,7 @@ absl::Status KvCache::LaunchWrite(const PagedLayer& pages, const TensorView& key
     p.k_stride_head = key.strides[1];
     p.v_stride_token = value.strides[0];
     p.v_stride_head = value.strides[1];
-    p.k_pages = pages.Row(0, 0, 0, 0);
-    p.v_pages = pages.Row(1, 0, 0, 0);
-    p.kv_stride_block = pages.stride_block;
-    p.kv_stride_pos = pages.stride_pos;
-    p.kv_stride_head = pages.stride_head;
+    p.pages = pages.View();
     p.slot_mapping = device_slots;
     p.num_tokens = static_cast<int32_t>(num_tokens);
     p.num_slots = static_cast<int64_t>(options_.num_blocks) * options_.block_size;

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
@@ -57,6 +58,17 @@ uint64_t HashBlock(uint64_t parent, uint64_t extra_key, const int32_t* tokens, i
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Star keys (BlockManager::AllocateStar). Each root of a Star chain mixes its own tag into the
+// hash_seed, so no Star key is ever the ordinary chain's key of the same tokens.
+constexpr uint64_t kStarBlock0Tag = 0x53544152424c4b30ULL;  // "STARBLK0": Star block 0's pages
+constexpr uint64_t kStarBlockTag = 0x53544152424c4b4bULL;   // "STARBLKK": Star block k > 0
+constexpr uint64_t kStarAnchorTag = 0x535441524e43484fULL;  // "STARNCHO": the anchor's tokens
+constexpr uint64_t kStarQueryTag = 0x5354415251525953ULL;   // "STARQRYS": past the context
+
+inline uint64_t Combine(uint64_t h, uint64_t v) {
+  return Fmix64((Rotl64(h, 29) * 0x9e3779b97f4a7c15ULL) ^ Fmix64(v + 0x632be59bd9b4e019ULL));
+}
+
 // Allocation failures must leave the manager as it was, so every allocation of a mutating call
 // happens before its first change. Two helpers make room ahead of time:
 //
@@ -94,6 +106,7 @@ struct BlockManager::Impl {
     uint64_t extra_key = 0;
     int32_t state_slot = -1;
     bool swapped = false;
+    std::optional<StarLayout> star;  // set: Star keys (AllocateStar)
   };
 
   BlockManagerOptions opts;
@@ -225,17 +238,70 @@ struct BlockManager::Impl {
     }
   }
 
-  // Chained hashes of the full blocks of `tokens`.
+  // The key of full block i of `tokens` (at least (i + 1) * block_size of them) whose earlier
+  // blocks' keys are prev[0..i): the ordinary chain, or Star keys (see AllocateStar in the header).
+  uint64_t PageHash(const StarLayout* star, uint64_t extra_key, const int32_t* tokens, int64_t i,
+                    const uint64_t* prev) const {
+    const int64_t b = bs();
+    uint64_t parent;
+    if (star == nullptr) {
+      parent = i == 0 ? opts.hash_seed : prev[i - 1];
+    } else {
+      const int64_t start = i * b;
+      const int64_t first_query = star->context_len / b;  // first block not wholly context
+      if (i < first_query) {
+        if (start % star->context_block_size != 0) {
+          parent = prev[i - 1];
+        } else if (start == 0) {
+          parent = Combine(opts.hash_seed, kStarBlock0Tag);
+        } else {
+          // Star block k > 0: the anchor and the start position, not the blocks between.
+          const uint64_t anchor = HashBlock(Combine(opts.hash_seed, kStarAnchorTag), extra_key,
+                                            tokens, star->anchor_size);
+          parent = Combine(Combine(Combine(Combine(opts.hash_seed, kStarBlockTag), extra_key), anchor),
+                           static_cast<uint64_t>(start));
+        }
+      } else if (i == first_query) {
+        // Query and generated tokens see the whole context: a digest of every context block's key
+        // and of the layout (a block straddling context_len holds tokens of both phases).
+        uint64_t h = Combine(Combine(opts.hash_seed, kStarQueryTag), extra_key);
+        for (int64_t j = 0; j < i; ++j) h = Combine(h, prev[j]);
+        h = Combine(h, static_cast<uint64_t>(star->context_len));
+        h = Combine(h, static_cast<uint64_t>(star->context_block_size));
+        parent = Combine(h, static_cast<uint64_t>(star->anchor_size));
+      } else {
+        parent = prev[i - 1];
+      }
+    }
+    return HashBlock(parent, extra_key, tokens + i * b, static_cast<int32_t>(b));
+  }
+
+  // Keys of the full blocks of `tokens`: chained hashes, or Star keys when `star` is set.
   void ComputeHashes(absl::Span<const int32_t> tokens, uint64_t extra_key,
-                     std::vector<uint64_t>& out) const {
+                     std::vector<uint64_t>& out, const StarLayout* star = nullptr) const {
     const int64_t num_full = static_cast<int64_t>(tokens.size()) / bs();
     out.clear();
     out.reserve(num_full);
-    uint64_t parent = opts.hash_seed;
     for (int64_t i = 0; i < num_full; ++i) {
-      parent = HashBlock(parent, extra_key, tokens.data() + i * bs(), bs());
-      out.push_back(parent);
+      out.push_back(PageHash(star, extra_key, tokens.data(), i, out.data()));
     }
+  }
+
+  // Star hits of a prompt of num_tokens tokens whose full-block keys are `hashes`: every cached
+  // block except the one holding the last token. Sets hit[i] (hit has one entry per block).
+  int64_t CountStarHits(const std::vector<uint64_t>& hashes, int64_t num_tokens,
+                        std::vector<uint8_t>& hit, int64_t* cached_free_hits) const {
+    int64_t hits = 0;
+    *cached_free_hits = 0;
+    for (size_t i = 0; i < hashes.size(); ++i) {
+      if ((static_cast<int64_t>(i) + 1) * bs() >= num_tokens) break;  // holds the last token
+      auto it = prefix_map.find(hashes[i]);
+      if (it == prefix_map.end()) continue;
+      hit[i] = 1;
+      ++hits;
+      if (state[it->second] == BlockState::kCachedFree) ++*cached_free_hits;
+    }
+    return hits;
   }
 
   // Prefix hits of a prompt whose full-block hashes are `hashes` (num_blocks blocks in all):
@@ -422,6 +488,118 @@ absl::StatusOr<int64_t> BlockManager::Allocate(uint64_t seq_id, absl::Span<const
   return hits * m.bs();
 }
 
+absl::Status BlockManager::ValidateStarLayout(const StarLayout& layout, int64_t num_tokens) const {
+  const int32_t bs = impl_->bs();
+  if (layout.context_len < 0 || layout.context_len > num_tokens) {
+    return absl::InvalidArgumentError(fmt::format(
+        "layout context_len={} must be in [0, num_tokens={}]", layout.context_len, num_tokens));
+  }
+  if (layout.context_block_size <= 0 || layout.context_block_size % bs != 0) {
+    return absl::InvalidArgumentError(
+        fmt::format("layout context_block_size={} must be > 0 and a multiple of block_size={}",
+                    layout.context_block_size, bs));
+  }
+  if (layout.anchor_size < 1 || layout.anchor_size > layout.context_block_size) {
+    return absl::InvalidArgumentError(
+        fmt::format("layout anchor_size={} must be in [1, context_block_size={}]", layout.anchor_size,
+                    layout.context_block_size));
+  }
+  return absl::OkStatus();
+}
+
+AllocVerdict BlockManager::CanAllocateStar(absl::Span<const int32_t> token_ids, int64_t num_tokens,
+                                           uint64_t extra_key, const StarLayout& layout) const {
+  const Impl& m = *impl_;
+  if (num_tokens < 1) return AllocVerdict::kNever;
+  if (!token_ids.empty() && static_cast<int64_t>(token_ids.size()) != num_tokens) {
+    return AllocVerdict::kNever;
+  }
+  if (!ValidateStarLayout(layout, num_tokens).ok()) return AllocVerdict::kNever;
+  const int64_t num_blocks = CeilDiv(num_tokens, m.bs());
+  const int64_t wm = m.WatermarkBlocks();
+  if (num_blocks > static_cast<int64_t>(m.opts.num_device_blocks) - wm) return AllocVerdict::kNever;
+  if (!m.SlotAvailable()) return AllocVerdict::kLater;
+  int64_t hits = 0, cached_free_hits = 0;
+  if (m.caching && !token_ids.empty()) {
+    std::vector<uint64_t> hashes;
+    m.ComputeHashes(token_ids, extra_key, hashes, &layout);
+    std::vector<uint8_t> hit(static_cast<size_t>(num_blocks), 0);
+    hits = m.CountStarHits(hashes, num_tokens, hit, &cached_free_hits);
+  }
+  const int64_t consumed = (num_blocks - hits) + cached_free_hits;
+  return m.Available() - consumed >= wm ? AllocVerdict::kOk : AllocVerdict::kLater;
+}
+
+absl::StatusOr<StarAllocation> BlockManager::AllocateStar(uint64_t seq_id,
+                                                          absl::Span<const int32_t> token_ids,
+                                                          uint64_t extra_key,
+                                                          const StarLayout& layout) {
+  Impl& m = *impl_;
+  if (token_ids.empty()) {
+    return absl::InvalidArgumentError(
+        fmt::format("seq {}: token_ids must be non-empty (num_tokens=0 must be >= 1)", seq_id));
+  }
+  const int64_t num_tokens = static_cast<int64_t>(token_ids.size());
+  if (absl::Status v = ValidateStarLayout(layout, num_tokens); !v.ok()) {
+    return absl::InvalidArgumentError(fmt::format("seq {}: {}", seq_id, std::string(v.message())));
+  }
+  if (m.seqs.contains(seq_id)) {
+    return absl::AlreadyExistsError(fmt::format("seq {}: sequence id already in use", seq_id));
+  }
+  if (!m.SlotAvailable()) {
+    return absl::ResourceExhaustedError(fmt::format(
+        "seq {}: no free state slot (all {} in use)", seq_id, m.opts.num_state_slots));
+  }
+  const int64_t num_blocks = CeilDiv(num_tokens, m.bs());
+
+  // Allocations first (a failure changes nothing), then commit.
+  StarAllocation out;
+  out.cached_blocks.assign(static_cast<size_t>(num_blocks), 0);
+  Impl::Seq seq;
+  seq.star = layout;
+  int64_t hits = 0, cached_free_hits = 0;
+  if (m.caching) {
+    m.ComputeHashes(token_ids, extra_key, seq.hashes, &layout);
+    hits = m.CountStarHits(seq.hashes, num_tokens, out.cached_blocks, &cached_free_hits);
+  }
+  const int64_t fresh = num_blocks - hits;
+  const int64_t available = m.Available() - cached_free_hits;
+  if (fresh > available) {
+    return absl::ResourceExhaustedError(fmt::format(
+        "seq {}: {} tokens need {} new device blocks ({} prefix hits), only {} available", seq_id,
+        num_tokens, fresh, hits, available));
+  }
+  seq.blocks.assign(static_cast<size_t>(num_blocks), kNil);
+  if (m.caching) seq.tokens.assign(token_ids.begin(), token_ids.end());
+  ReserveForInserts(m.seqs, 1);
+
+  // Hits first: taking fresh blocks may evict cached-free ones, never one this prompt reuses.
+  int64_t leading = 0;
+  while (leading < num_blocks && out.cached_blocks[leading]) ++leading;
+  for (int64_t i = 0; i < num_blocks; ++i) {
+    if (!out.cached_blocks[i]) continue;
+    const int32_t b = m.prefix_map.find(seq.hashes[i])->second;
+    m.Acquire(b);
+    seq.blocks[i] = b;
+  }
+  for (int64_t i = 0; i < num_blocks; ++i) {
+    if (!out.cached_blocks[i]) seq.blocks[i] = m.TakeFresh();
+  }
+  // MarkComputed publishes from the first miss on; the later hits are published already (and
+  // Publish leaves a block already cached under its key as it is).
+  seq.num_published = leading;
+  if (m.caching) {
+    m.prefix_queried_blocks += num_tokens / m.bs();
+    m.prefix_hit_blocks += hits;
+  }
+  seq.num_tokens = num_tokens;
+  seq.extra_key = extra_key;
+  seq.state_slot = m.TakeStateSlot();
+  m.seqs.emplace(seq_id, std::move(seq));
+  out.num_cached_tokens = hits * m.bs();
+  return out;
+}
+
 absl::StatusOr<bool> BlockManager::CanAppend(uint64_t seq_id, int64_t num_tokens) const {
   const Impl& m = *impl_;
   if (num_tokens < 1) {
@@ -479,10 +657,9 @@ absl::StatusOr<std::optional<BlockCopy>> BlockManager::Append(uint64_t seq_id,
   if (m.caching) {
     s.tokens.insert(s.tokens.end(), token_ids.begin(), token_ids.end());
     const int64_t new_full = total / bs;
+    const StarLayout* star = s.star ? &*s.star : nullptr;
     for (int64_t i = cur / bs; i < new_full; ++i) {
-      const uint64_t parent = i == 0 ? m.opts.hash_seed : s.hashes[i - 1];
-      const uint64_t h = HashBlock(parent, s.extra_key, s.tokens.data() + i * bs, bs);
-      s.hashes.push_back(h);
+      s.hashes.push_back(m.PageHash(star, s.extra_key, s.tokens.data(), i, s.hashes.data()));
     }
   }
   return copy;
@@ -537,7 +714,17 @@ absl::Status BlockManager::Free(uint64_t seq_id) {
   } else {
     // Tail first: the last blocks of a sequence are the least likely to be shared, so with equal
     // recency the LRU evicts them before the prefix they hang from.
-    for (auto b = s.blocks.rbegin(); b != s.blocks.rend(); ++b) m.Release(*b);
+    for (size_t i = s.blocks.size(); i-- > 0;) {
+      const int32_t b = s.blocks[i];
+      // A computed full block that stayed private because an identical one was published first
+      // (two sequences computed it at once): when that one has left the cache, this copy takes its
+      // place instead of being discarded, so an identical prompt still hits (vLLM keeps every
+      // computed copy reachable). While both live, the published copy serves.
+      if (m.caching && static_cast<int64_t>(i) < s.num_published && i < s.hashes.size() && !m.published[b] &&
+          m.ref[b] == 1 && !m.prefix_map.contains(s.hashes[i]))
+        m.Publish(b, s.hashes[i]);
+      m.Release(b);
+    }
   }
   m.ReleaseStateSlot(s.state_slot);
   m.seqs.erase(it);
@@ -646,20 +833,60 @@ absl::StatusOr<std::vector<BlockCopy>> BlockManager::SwapIn(uint64_t seq_id) {
         fmt::format("seq {}: sequence is resident, not swapped out", seq_id));
   }
   const size_t n = s.blocks.size();
-  if (static_cast<int64_t>(n) > m.Available()) {
-    return absl::ResourceExhaustedError(
-        fmt::format("seq {}: swap in needs {} free device blocks, only {} available", seq_id, n,
-                    m.Available()));
+  // The leading full blocks the caller marked computed before the swap: their host copies hold
+  // their K/V, and they keep their keys (vLLM's swapped blocks keep their content hashes).
+  const size_t computed =
+      m.caching ? static_cast<size_t>(std::min<int64_t>(s.num_published, static_cast<int64_t>(s.hashes.size())))
+                : 0;
+  // Optionally reuse a device block already cached under the same key: no copy (vLLM's allocator
+  // returns the cached block for a known hash). A cached-free one still leaves the free pool.
+  int64_t reused = 0, cached_free_reused = 0;
+  if (m.opts.swap_in_reuses_cached_blocks) {
+    for (size_t i = 0; i < computed; ++i) {
+      auto found = m.prefix_map.find(s.hashes[i]);
+      if (found == m.prefix_map.end()) continue;
+      ++reused;
+      if (m.state[found->second] == BlockState::kCachedFree) ++cached_free_reused;
+    }
   }
-  std::vector<BlockCopy> plan(n);
+  const int64_t fresh = static_cast<int64_t>(n) - reused;
+  if (fresh + cached_free_reused > m.Available()) {
+    return absl::ResourceExhaustedError(
+        reused == 0 ? fmt::format("seq {}: swap in needs {} free device blocks, only {} available", seq_id, n,
+                                  m.Available())
+                    : fmt::format("seq {}: swap in needs {} free device blocks ({} fresh, {} cached-free reused), "
+                                  "only {} available",
+                                  seq_id, fresh + cached_free_reused, fresh, cached_free_reused, m.Available()));
+  }
+  // Allocations first (a failure changes nothing).
+  std::vector<BlockCopy> plan;
+  plan.reserve(static_cast<size_t>(fresh));
+  std::vector<uint8_t> is_reused(reused > 0 ? n : 0, 0);
+  // Reused blocks first: taking fresh ones may evict cached-free blocks, never one reused here.
+  if (reused > 0) {
+    for (size_t i = 0; i < computed; ++i) {
+      auto found = m.prefix_map.find(s.hashes[i]);
+      if (found == m.prefix_map.end()) continue;
+      m.Acquire(found->second);
+      m.free_host_blocks.push_back(s.blocks[i]);
+      s.blocks[i] = found->second;
+      is_reused[i] = 1;
+    }
+  }
   for (size_t i = 0; i < n; ++i) {
+    if (reused > 0 && is_reused[i]) continue;
     const int32_t dev = m.TakeFresh();
-    plan[i] = BlockCopy{s.blocks[i], dev};
+    plan.push_back(BlockCopy{s.blocks[i], dev});
     m.free_host_blocks.push_back(s.blocks[i]);
     s.blocks[i] = dev;
   }
+  // Republish the copied computed blocks once every fresh block is taken, so that one evicted by
+  // this very swap-in is replaced by its copy (a key still cached elsewhere keeps that block).
+  for (size_t i = 0; i < computed; ++i) {
+    if (reused > 0 && is_reused[i]) continue;
+    m.Publish(s.blocks[i], s.hashes[i]);
+  }
   s.swapped = false;
-  s.num_published = 0;  // fresh device blocks: MarkComputed may publish them again
   --m.num_swapped;
   return plan;
 }
@@ -744,6 +971,18 @@ absl::Status BlockManager::Impl::CheckInvariants() const {
   int32_t swapped = 0;
   for (const auto& [id, s] : seqs) {
     if (s.num_tokens < 1) return fail(fmt::format("seq {}: num_tokens={} < 1", id, s.num_tokens));
+    if (s.star && (s.star->context_len < 0 || s.star->context_block_size <= 0 ||
+                   s.star->context_block_size % bs() != 0 || s.star->anchor_size < 1 ||
+                   s.star->anchor_size > s.star->context_block_size)) {
+      return fail(fmt::format("seq {}: invalid Star layout (context_len={}, context_block_size={}, "
+                              "anchor_size={})",
+                              id, s.star->context_len, s.star->context_block_size,
+                              s.star->anchor_size));
+    }
+    if (s.num_published < 0 || s.num_published > s.num_tokens / bs()) {
+      return fail(fmt::format("seq {}: {} blocks offered to the prefix cache but {} full blocks", id,
+                              s.num_published, s.num_tokens / bs()));
+    }
     if (static_cast<int64_t>(s.blocks.size()) != CeilDiv(s.num_tokens, bs())) {
       return fail(fmt::format("seq {}: {} blocks for {} tokens (block_size {})", id, s.blocks.size(),
                               s.num_tokens, bs()));
@@ -765,7 +1004,7 @@ absl::Status BlockManager::Impl::CheckInvariants() const {
         return fail(fmt::format("seq {}: {} token ids for num_tokens={}", id, s.tokens.size(),
                                 s.num_tokens));
       }
-      ComputeHashes(s.tokens, s.extra_key, recomputed);
+      ComputeHashes(s.tokens, s.extra_key, recomputed, s.star ? &*s.star : nullptr);
       if (recomputed != s.hashes) {
         return fail(fmt::format("seq {}: stored hash chain ({} hashes) differs from the one "
                                 "recomputed from its tokens ({} hashes)",

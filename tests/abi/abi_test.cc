@@ -34,41 +34,7 @@ class Abi : public LoadedAbi {};
 // ------------------------------------------------------------------------------------------------
 
 
-constexpr DLDataType kF32{kDLFloat, 32, 1};
-constexpr DLDataType kF64{kDLFloat, 64, 1};
-constexpr DLDataType kBF16{kDLBfloat, 16, 1};
-constexpr DLDataType kI32{kDLInt, 32, 1};
-constexpr DLDataType kI64{kDLInt, 64, 1};
 
-// A DLTensor over memory the test owns. Not copyable: the DLTensor points into shape/strides.
-struct Tensor {
-  std::vector<int64_t> shape;
-  std::vector<int64_t> strides;  // empty: compact row-major (NULL)
-  DLTensor t{};
-  Tensor(void* data, DLDataType dtype, std::vector<int64_t> s, std::vector<int64_t> st = {})
-      : shape(std::move(s)), strides(std::move(st)) {
-    t.data = data;
-    t.device = DLDevice{kDLCPU, 0};
-    t.ndim = static_cast<int32_t>(shape.size());
-    t.dtype = dtype;
-    t.shape = shape.data();
-    t.strides = strides.empty() ? nullptr : strides.data();
-    t.byte_offset = 0;
-  }
-  Tensor(const Tensor&) = delete;
-  Tensor& operator=(const Tensor&) = delete;
-  DLTensor* p() { return &t; }
-};
-
-Handle<kvp_context> MakeContext(int32_t num_threads = 2) {
-  kvp_context_options o{};
-  o.struct_size = sizeof o;
-  o.device_type = kDLCPU;
-  o.num_threads = num_threads;
-  kvp_context* c = nullptr;
-  EXPECT_KVP(api.kvp_context_create(&o, &c), KVP_OK);
-  return Handle<kvp_context>(c);
-}
 
 kvp_block_manager_options BmOptions(int32_t block_size, int32_t device_blocks, int32_t host_blocks,
                                     int32_t caching, int32_t state_slots = 0) {

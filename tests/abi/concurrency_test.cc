@@ -52,8 +52,6 @@ struct Problems {
   } while (0)
 
 
-constexpr DLDataType kF32{kDLFloat, 32, 1};
-constexpr DLDataType kI64{kDLInt, 64, 1};
 
 DLTensor MakeTensor(void* data, DLDataType dtype, const int64_t* shape, int32_t ndim) {
   DLTensor t{};

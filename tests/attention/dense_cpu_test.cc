@@ -7,6 +7,7 @@
 #include "common/naive_attention.h"
 #include "kvplug/attention/backend.h"
 #include "kvplug/attention/dense/dense.h"
+#include "kvplug/attention/step_work.h"
 
 namespace kvplug::attn {
 namespace {
@@ -104,10 +105,13 @@ std::pair<double, double> RunCase(const Case& c, uint32_t seed) {
   EXPECT_TRUE(plan.Update(in).ok());
 
   HeadConfig heads{c.num_q_heads, c.num_kv_heads, d, c.kv_dtype, 1.0f / std::sqrt(static_cast<float>(d))};
-  auto backend = dense::CreateCpu(heads, c.config);
-  EXPECT_TRUE(backend.ok()) << backend.status();
   ThreadPool pool(c.threads);
   ExecContext exec{Device::kCpu, 0, &pool, nullptr};
+  auto backend = CreateBackend(*FindBackend("dense"), heads, c.config, exec);
+  EXPECT_TRUE(backend.ok()) << backend.status();
+  StepWorkSet steps;
+  auto work = steps.Get(StepKey(**backend, heads), **backend, heads, plan, exec);
+  EXPECT_TRUE(work.ok()) << work.status();
   TensorView q = View3(qbuf.data(), c.q_dtype, total_tokens, c.num_q_heads, d);
   TensorView out = View3(obuf.data(), c.q_dtype, total_tokens, c.num_q_heads, d);
   TensorView lse_view;
@@ -115,7 +119,7 @@ std::pair<double, double> RunCase(const Case& c, uint32_t seed) {
   lse_view.ndim = 2;
   lse_view.shape = {total_tokens, c.num_q_heads};
   lse_view.strides = {c.num_q_heads, 1};
-  RunArgs args{plan, **cache, layer, q, out, &lse_view, exec};
+  RunArgs args{plan, **work, **cache, layer, q, {&out, &lse_view, nullptr}, exec};
   EXPECT_TRUE(ValidateRun(heads, args).ok()) << ValidateRun(heads, args);
   EXPECT_TRUE((*backend)->Run(args).ok());
 
@@ -209,13 +213,16 @@ TEST(DenseCpu, LongSequence) {
 }
 
 TEST(DenseCpu, RejectsWhatItCannotRun) {
-  EXPECT_EQ(dense::CreateCpu(HeadConfig{6, 4, 64, DType::kF32, 0.1f}, {}).status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(dense::CreateCpu(HeadConfig{4, 4, 100, DType::kF32, 0.1f}, {}).status().code(),
-            absl::StatusCode::kUnimplemented);
-  EXPECT_EQ(dense::CreateCpu(HeadConfig{4, 4, 64, DType::kFP8E4M3, 0.1f}, {}).status().code(),
-            absl::StatusCode::kUnimplemented);
-  EXPECT_EQ(dense::CreateCpu(HeadConfig{4, 4, 64, DType::kF32, 0.1f}, DenseConfig{-1, -1.0f}).status().code(),
+  ThreadPool pool(1);
+  const ExecContext cpu{Device::kCpu, 0, &pool, nullptr};
+  const BackendInfo& dense = *FindBackend("dense");
+  auto create = [&](const HeadConfig& h, const BackendConfig& c = {}) {
+    return CreateBackend(dense, h, c, cpu).status().code();
+  };
+  EXPECT_EQ(create(HeadConfig{6, 4, 64, DType::kF32, 0.1f}), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(create(HeadConfig{4, 4, 100, DType::kF32, 0.1f}), absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(create(HeadConfig{4, 4, 64, DType::kFP8E4M3, 0.1f}), absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(create(HeadConfig{4, 4, 64, DType::kF32, 0.1f}, DenseConfig{-1, -1.0f}),
             absl::StatusCode::kInvalidArgument);
   EXPECT_NE(FindBackend("dense"), nullptr);
   EXPECT_EQ(FindBackend("nope"), nullptr);

@@ -1,6 +1,6 @@
 // Call-sequence fuzzer of the block manager and the KV cache through the C ABI, driven the way an
 // engine drives them: the input decodes into pool options and then a sequence of operations with
-// arguments (allocate, append, mark_computed, fork, free, swap out/in, every query with arbitrary
+// arguments (allocate, allocate_star with fuzzed Star layouts, append, mark_computed, fork, free, swap out/in, every query with arbitrary
 // capacities, positions and ids, and cache writes/copies with bad indices). Handles are always valid
 // (invalid handles are undefined behaviour by the header); everything else is arbitrary.
 //
@@ -296,7 +296,7 @@ class Harness {
   }
 
   void Step() {
-    switch (in_.Below(20)) {
+    switch (in_.Below(21)) {
       case 0: {  // can_allocate
         const int64_t n = Count();
         const auto t = Tokens(n);
@@ -565,6 +565,72 @@ class Harness {
       case 17: {  // rewrite the state of a sequence
         const uint64_t id = Id();
         if (seqs_.count(id)) SetState(id, in_.Byte());
+        break;
+      }
+      case 20: {  // allocate_star with a fuzzed layout; hits need not be leading
+        const uint64_t id = Id();
+        const int64_t n = Count();
+        const auto t = Tokens(n);
+        const uint64_t key = in_.Below(2);
+        kvp_star_layout l{};
+        l.struct_size = in_.Below(8) ? sizeof l : in_.Below(sizeof l + 9);
+        const uint8_t how = in_.Below(8);  // 0-2: one field drawn from a range with bad values
+        l.context_len = how == 0 ? static_cast<int64_t>(in_.Below(80)) - 4
+                                 : static_cast<int64_t>(in_.Below(static_cast<uint32_t>(n) + 1));
+        l.context_block_size = how == 1 ? static_cast<int32_t>(in_.Below(20)) - 2
+                                        : bs_ * static_cast<int32_t>(1 + in_.Below(4));
+        l.anchor_size = how == 2 ? static_cast<int32_t>(in_.Below(40)) - 2
+                                 : 1 + static_cast<int32_t>(in_.Below(static_cast<uint32_t>(
+                                           l.context_block_size > 0 ? l.context_block_size : 1)));
+        const bool size_ok = l.struct_size == sizeof l;
+        const bool valid = size_ok && l.context_len >= 0 && l.context_len <= n && l.context_block_size > 0 &&
+                           l.context_block_size % bs_ == 0 && l.anchor_size >= 1 &&
+                           l.anchor_size <= l.context_block_size;
+        const int64_t nb = (n + bs_ - 1) / bs_;
+        std::vector<uint8_t> cached(static_cast<size_t>(nb), 9);  // exact size: ASan sees overruns
+        int64_t num_cached = -7;
+        const bool ids = caching_ || in_.Bit();
+        const kvp_status s = Mutate([&] {
+          return kvp_block_manager_allocate_star(bm_, id, ids ? t.data() : nullptr, n, key, &l,
+                                                 in_.Below(4) ? cached.data() : nullptr, &num_cached);
+        });
+        if (!valid) {
+          FUZZ_CHECK(s == (l.struct_size > sizeof l ? KVP_ERR_NOT_SUPPORTED : KVP_ERR_INVALID_ARGUMENT));
+        } else if (seqs_.count(id)) {
+          FUZZ_CHECK(s == KVP_ERR_ALREADY_EXISTS);
+        } else if (s != KVP_OK) {
+          FUZZ_CHECK(s == KVP_ERR_NO_FREE_BLOCKS);
+        }
+        if (s != KVP_OK) {
+          FUZZ_CHECK(num_cached == -7 && std::all_of(cached.begin(), cached.end(), [](uint8_t x) { return x == 9; }));
+          break;
+        }
+        FUZZ_CHECK(num_cached >= 0 && num_cached < n && num_cached % bs_ == 0);
+        if (!caching_) FUZZ_CHECK(num_cached == 0);
+        int64_t leading = 0;
+        if (cached[0] != 9) {  // the output was asked for
+          int64_t ones = 0;
+          for (uint8_t c : cached) {
+            FUZZ_CHECK(c == 0 || c == 1);
+            ones += c;
+          }
+          FUZZ_CHECK(ones * bs_ == num_cached);
+          FUZZ_CHECK(cached[static_cast<size_t>((n - 1) / bs_)] == 0);  // the last token is computed
+          while (leading < nb && cached[static_cast<size_t>(leading)]) ++leading;
+          // Every hit block already holds this prompt's K/V (same tokens at the same positions).
+          const auto& table = Table(id);
+          for (int64_t b = 0; b < nb; ++b) {
+            if (!cached[static_cast<size_t>(b)]) continue;
+            for (int64_t p = b * bs_; p < (b + 1) * bs_; ++p)
+              for (int32_t l2 = 0; l2 < layers_; ++l2)
+                FUZZ_CHECK(ReadK(0, l2, table[b], p % bs_, 0) == KvValue(0, l2, t[p], p, 0));
+          }
+        }
+        seqs_[id] = Seq{ids ? t : std::vector<int32_t>(static_cast<size_t>(n), 0), leading * bs_, false, 0};
+        SetState(id, static_cast<uint8_t>(in_.Byte() | 1));
+        // The engine recomputes from the first missed block on (hits in between are rewritten with
+        // the values they hold), all of the prompt or part of it.
+        Compute(id, in_.Bit() ? n : leading * bs_ + in_.Below(static_cast<uint32_t>(n - leading * bs_) + 1));
         break;
       }
       default: {  // finish every prefill (an engine step)

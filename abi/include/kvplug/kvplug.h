@@ -29,7 +29,9 @@
 
 #include <dlpack/dlpack.h>
 
-#if defined(_WIN32)
+#if defined(_WIN32) && defined(KVP_BUILDING_LIBRARY)
+#define KVP_API __declspec(dllexport)
+#elif defined(_WIN32)
 #define KVP_API __declspec(dllimport)
 #elif defined(KVP_BUILDING_LIBRARY)
 #define KVP_API __attribute__((visibility("default")))
@@ -46,7 +48,7 @@ extern "C" {
  * ---------------------------------------------------------------------------------------------- */
 
 #define KVP_ABI_VERSION_MAJOR 0
-#define KVP_ABI_VERSION_MINOR 2
+#define KVP_ABI_VERSION_MINOR 5
 #define KVP_ABI_VERSION_PATCH 0
 /* major * 10000 + minor * 100 + patch, as zstd's ZSTD_VERSION_NUMBER. */
 #define KVP_ABI_VERSION_NUMBER \
@@ -112,8 +114,29 @@ typedef struct kvp_backend_info {
   int32_t needs_state_slots;   /* 1 if the backend keeps per-sequence state in the cache */
 } kvp_backend_info;
 
-/* Describe backend `name`. KVP_ERR_NOT_FOUND for an unknown name. */
+/* Describe backend `name` over every device of this build (head_sizes: the CPU's list, the widest).
+ * KVP_ERR_NOT_FOUND for an unknown name; KVP_ERR_INVALID_ARGUMENT for NULLs or a bad struct_size. */
 KVP_API kvp_status kvp_backend_info_get(const char* name, kvp_backend_info* out_info);
+
+/* Since ABI 0.3: what backend `name` offers on one device type (capabilities differ per device:
+ * e.g. the CUDA kernels take fewer head sizes than the CPU engine). */
+typedef struct kvp_backend_device_info {
+  size_t struct_size;
+  int32_t device_type;         /* the DLDeviceType asked for */
+  int32_t available;           /* 1 if the backend runs on this device in this build */
+  uint32_t dtype_mask;         /* bit (1u << kvp_dtype) per cache dtype on this device */
+  const int32_t* head_sizes;   /* static storage, num_head_sizes entries */
+  int32_t num_head_sizes;
+  int32_t supports_lse;        /* kvp_attention_outputs.lse can be set */
+  int32_t supports_entropy;    /* kvp_attention_outputs.entropy can be set */
+  int32_t needs_state_slots;   /* the cache needs state slots (kvp_attention_state_bytes) */
+  int32_t experimental;        /* 1: its config table's fields may still change */
+} kvp_backend_device_info;
+
+/* KVP_ERR_NOT_FOUND for an unknown name; KVP_ERR_INVALID_ARGUMENT for NULLs, a bad struct_size or a
+ * device_type other than kDLCPU / kDLCUDA; an unavailable device is reported as available = 0. */
+KVP_API kvp_status kvp_backend_device_info_get(const char* name, int32_t device_type,
+                                               kvp_backend_device_info* out_info);
 
 /* ------------------------------------------------------------------------------------------------
  * Context: a device and the stream work is launched on.
@@ -276,7 +299,13 @@ KVP_API kvp_status kvp_block_manager_swap_out(kvp_block_manager* manager, uint64
                                               kvp_block_copy* out_plan, int32_t capacity,
                                               int32_t* out_num_copies);
 
-/* Swap `seq_id` back in: (host block -> device block) copies for kvp_kv_cache_swap_in. */
+/* Swap `seq_id` back in: (host block -> device block) copies for kvp_kv_cache_swap_in, one per block
+ * of the sequence in block-table order (capacity as for swap_out; KVP_ERR_NO_FREE_BLOCKS if the
+ * device pool is too small, KVP_ERR_FAILED_PRECONDITION if resident). The full blocks marked
+ * computed before the swap keep their prefix-cache keys and are published again at once, as in vLLM
+ * (no new mark_computed needed): perform the plan before any step reads them. Every block is copied
+ * from the host, even if a copy is still cached on the device: after swap_out's copies the host
+ * copy is authoritative and the plan has one entry per block. */
 KVP_API kvp_status kvp_block_manager_swap_in(kvp_block_manager* manager, uint64_t seq_id,
                                              kvp_block_copy* out_plan, int32_t capacity,
                                              int32_t* out_num_copies);
@@ -330,7 +359,14 @@ KVP_API kvp_status kvp_kv_cache_create(const kvp_context* context,
 
 /* A cache over the caller's tensors (zero copy), one per layer, each of the layout's 5-d shape on the
  * context's device with the options' dtype. The caller keeps them alive until destroy. Host swap
- * pages and state slots are still allocated by kvplug. */
+ * pages and state slots are still allocated by kvplug.
+ * The cache writes these tensors, so no two of their elements may share an address: within a layer
+ * (no block, position or head stride of 0 or too small, e.g. a block stride of half a block), K and V
+ * must not overlap each other, and no two layers may share memory (layers interleaved in one
+ * allocation, e.g. [num_blocks, num_layers, 2, ...], are fine). Tested as for every writable tensor:
+ * with the axes of extent > 1 sorted by stride, each stride must be at least the span
+ * 1 + sum (extent - 1) * stride of the axes before it (two layers: as one tensor with a layer axis).
+ * KVP_ERR_INVALID_ARGUMENT otherwise, naming the tensor and its strides. */
 KVP_API kvp_status kvp_kv_cache_create_from_tensors(const kvp_context* context,
                                                     const kvp_kv_cache_options* options,
                                                     const DLTensor* layer_tensors,
@@ -386,6 +422,7 @@ KVP_API kvp_status kvp_kv_cache_copy_state(kvp_kv_cache* cache, int32_t src_slot
  * ---------------------------------------------------------------------------------------------- */
 
 typedef struct kvp_plan kvp_plan;
+typedef struct kvp_attention kvp_attention;
 
 typedef struct kvp_plan_options {
   size_t struct_size;
@@ -406,15 +443,41 @@ typedef struct kvp_batch {
   const int32_t* kv_indices;
   const int64_t* slot_mapping;     /* optional [num_tokens]: for kvp_attention_write_kv */
   const int32_t* state_slots;      /* optional [num_seqs]: for backends with state */
+  /* Since ABI 0.4 (both optional; NULL keeps the 0.3 meaning). */
+  const int32_t* context_lens;     /* [num_seqs], >= 0: global positions < context_lens[b] of
+                                      sequence b are its context, the rest its query and generated
+                                      tokens. Star Attention encodes the context in phase 1 and
+                                      the rest in phase 2 (a chunk crossing the boundary is split
+                                      by the plan). attamba (since 0.5) reads it as the compressed
+                                      rows held in shared prefix-cache pages: chunk ends whose row
+                                      is below it are not rewritten. Other backends ignore it.
+                                      NULL: no context. */
+  const int32_t* query_pos_starts; /* [num_seqs], >= 0: the global position of each sequence's
+                                      first token of this step (the position id its RoPE used).
+                                      NULL: seq_lens[b] - q_len_b. Given, seq_lens may be shorter
+                                      than q_len_b (a Star shard that holds only context keys);
+                                      dense sees its keys at positions 0..seq_lens[b]-1. */
 } kvp_batch;
 
 KVP_API kvp_status kvp_plan_create(const kvp_context* context, const kvp_plan_options* options,
                                    kvp_plan** out_plan);
 KVP_API void kvp_plan_destroy(kvp_plan* plan);
 
-/* Check `batch` and convert it into the plan's preallocated buffers (no allocation).
- * KVP_ERR_OUT_OF_RANGE if it exceeds the plan's capacities. On failure the plan is emptied. */
+/* Check `batch` and convert it into the plan's preallocated buffers (no allocation), then run the
+ * step planner of every attention attached to the plan (kvp_plan_attach): key sets (Star's block
+ * lists, split-KV partitions, ...) built once per step, uploaded on the context's stream, so that
+ * kvp_attention_run only launches. KVP_ERR_OUT_OF_RANGE if it exceeds the plan's capacities.
+ * On failure the plan is emptied. */
 KVP_API kvp_status kvp_plan_update(kvp_plan* plan, const kvp_batch* batch);
+
+/* Since ABI 0.3. Attach `attention` to `plan`: allocates (once) the plan-side buffers its step
+ * planner needs and builds them for the plan's current batch; every later kvp_plan_update plans
+ * for it too. Attentions whose planners agree (e.g. every dense layer of a model) share one step.
+ * An attention run on a plan it was not attached to attaches itself at that run (allocating once,
+ * and building on the host at each step): attach before capturing runs in a CUDA graph.
+ * Both handles must belong to the same context. The plan keeps what it needs past the attention's
+ * destroy. KVP_ERR_INVALID_ARGUMENT (NULLs, different contexts), KVP_ERR_OUT_OF_MEMORY. */
+KVP_API kvp_status kvp_plan_attach(kvp_plan* plan, const kvp_attention* attention);
 
 /* ------------------------------------------------------------------------------------------------
  * Attention backends
@@ -423,12 +486,15 @@ KVP_API kvp_status kvp_plan_update(kvp_plan* plan, const kvp_batch* batch);
  * or as JSON text parsed against the schema built into the library, e.g.
  *   {"backend_config_type": "DenseConfig", "backend_config": {"window_left": -1}}
  * A NULL config takes the backend's defaults. The config's type must match the backend name.
+ * Stable: DenseConfig, StarConfig, EntropyConfig and KvShiftConfig (since 0.4). EXPERIMENTAL (its
+ * fields may still change until the backend lands and kvp_backend_device_info reports
+ * experimental = 0): AttambaConfig.
  *
  * Thread safety: an attention handle is immutable after creation; runs on one handle from several
  * threads are safe if they write to different outputs.
  * ---------------------------------------------------------------------------------------------- */
 
-typedef struct kvp_attention kvp_attention;
+/* kvp_attention: declared with the plans above. */
 
 typedef enum kvp_config_format {
   KVP_CONFIG_NONE = 0,    /* defaults */
@@ -454,7 +520,8 @@ KVP_API kvp_status kvp_attention_create(const kvp_context* context,
                                         kvp_attention** out_attention);
 KVP_API void kvp_attention_destroy(kvp_attention* attention);
 
-/* Check a config without creating a backend. */
+/* Check a config without creating a backend. A JSON config nesting objects and arrays more than 16
+ * levels deep is refused before it is parsed (KVP_ERR_INVALID_CONFIG; the schema needs 3). */
 KVP_API kvp_status kvp_config_check(const char* backend, int32_t config_format, const void* config,
                                     size_t config_size);
 
@@ -465,7 +532,8 @@ KVP_API kvp_status kvp_attention_write_kv(const kvp_attention* attention, const 
                                           kvp_kv_cache* cache, int32_t layer, const DLTensor* key,
                                           const DLTensor* value);
 
-/* Attention of this step's queries over `layer` of `cache`, causal: query token i of sequence b sits
+/* Attention of this step's queries over `layer` of `cache`, causal (dense; other backends see the
+ * key sets their paper defines): query token i of sequence b sits
  * at position seq_lens[b] - q_len_b + i and sees positions [0, that]. The cache must already hold
  * this step's K/V. query/out: [num_tokens, num_q_heads, head_size], float32/float16/bfloat16, same
  * dtype, on the context's device; `lse` (optional) [num_tokens, num_q_heads] float32 receives the
@@ -473,6 +541,208 @@ KVP_API kvp_status kvp_attention_write_kv(const kvp_attention* attention, const 
 KVP_API kvp_status kvp_attention_run(const kvp_attention* attention, const kvp_plan* plan,
                                      const kvp_kv_cache* cache, int32_t layer,
                                      const DLTensor* query, DLTensor* out, DLTensor* lse);
+
+/* Since ABI 0.3: the outputs of kvp_attention_run_v2. Every writable tensor must not overlap any
+ * other and no two of its elements may share an address (no stride of 0 over an axis of extent > 1:
+ * with the axes of extent > 1 sorted by stride, each stride must be at least the span
+ * 1 + sum (extent - 1) * stride of the axes before it; empty tensors always pass). The same holds for
+ * kvp_attention_run's out and lse, kvp_attention_merge_states' outputs and every later output;
+ * KVP_ERR_INVALID_ARGUMENT names the tensor and its strides. Read-only inputs may broadcast only
+ * where their description says so. */
+typedef struct kvp_attention_outputs {
+  size_t struct_size;
+  DLTensor* out;      /* required: [num_tokens, num_q_heads, head_size], the query's dtype */
+  DLTensor* lse;      /* optional [num_tokens, num_q_heads] float32: natural log-sum-exp of the
+                         scaled logits (-inf for a row that saw no key) */
+  DLTensor* entropy;  /* optional [num_tokens, num_q_heads] float32: the attention entropy of each
+                         row in nats, H = -sum_j a_j log a_j, computed inside the kernel from running
+                         sums (no probabilities stored); needs supports_entropy */
+  /* Since ABI 0.4. */
+  DLTensor* entropy_summary; /* optional [num_q_heads, 6] float32, contiguous, needs supports_entropy:
+                                per head over this run's rows, {rows that saw a key, their mean
+                                entropy, informative rows (>= 2 keys, E_max = log(keys) > 0), their
+                                mean H / E_max, rows in the collapse band H <= E_max/4, rows in the
+                                overload band H >= 3 E_max/4} (entropy-guided attention's bands).
+                                Computed on the run's device: no synchronization per layer. */
+} kvp_attention_outputs;
+
+/* kvp_attention_run with an outputs struct (room for more outputs later). Statuses as
+ * kvp_attention_run: KVP_ERR_INVALID_ARGUMENT (NULLs, shapes, dtypes, devices, strides),
+ * KVP_ERR_OUT_OF_RANGE (layer, blocks), KVP_ERR_FAILED_PRECONDITION (empty plan),
+ * KVP_ERR_NOT_SUPPORTED (an output the backend does not offer), KVP_ERR_DEVICE (a launch failed). */
+KVP_API kvp_status kvp_attention_run_v2(const kvp_attention* attention, const kvp_plan* plan,
+                                        const kvp_kv_cache* cache, int32_t layer,
+                                        const DLTensor* query, const kvp_attention_outputs* outputs);
+
+/* Since ABI 0.3: merge S partial attention states of the same queries over disjoint key sets (split
+ * KV, shards of a sequence held on other GPUs or hosts, a caller's own partials) into one, exactly
+ * and stably: lse = max_i lse_i + log sum_i exp(lse_i - max), out = sum_i exp(lse_i - lse) out_i.
+ * A partial with lse = -inf is empty and has weight 0 (merging it with another yields the other
+ * exactly); gaps of any size neither overflow nor give NaN. With entropies, each partial's mean
+ * logit lse_i - H_i is merged with the same weights: H = lse - sum_i w_i (lse_i - H_i).
+ * FlashInfer's merge_state uses base-2 lse: multiply those by ln 2 first. */
+typedef struct kvp_merge_states_args {
+  size_t struct_size;
+  const DLTensor* partial_out;      /* [S, T, H, D] float32/float16/bfloat16 */
+  const DLTensor* partial_lse;      /* [S, T, H] float32, natural log */
+  const DLTensor* partial_entropy;  /* optional [S, T, H] float32 (required for entropy) */
+  DLTensor* out;                    /* [T, H, D], any of the three float dtypes */
+  DLTensor* lse;                    /* optional [T, H] float32 */
+  DLTensor* entropy;                /* optional [T, H] float32 */
+} kvp_merge_states_args;
+
+/* All tensors on the context's device (CPU: computed on the context's threads; CUDA: launched on its
+ * stream, D a multiple of 8 up to 512, 16-byte aligned rows). KVP_ERR_INVALID_ARGUMENT for NULLs,
+ * shapes, dtypes, devices, or writable outputs that overlap each other or the inputs. */
+KVP_API kvp_status kvp_attention_merge_states(const kvp_context* context, const kvp_merge_states_args* args);
+
+/* Since ABI 0.3: bytes of per-sequence state per layer that `attention` keeps in a cache's state
+ * slots (0 for stateless backends such as dense). Create caches with state_bytes_per_layer at least
+ * this. */
+KVP_API kvp_status kvp_attention_state_bytes(const kvp_attention* attention, int64_t* out_bytes_per_layer);
+
+/* Since ABI 0.5: where a sequence's K/V rows live in its page list for a step over positions
+ * [query_pos_start, num_tokens) (num_tokens: the sequence's length after the step). Token-stream
+ * backends (dense, star, kv_shift, entropy): seq_len = num_tokens, every position p at row p,
+ * window_pages = ceil(num_tokens / block_size), nothing compressed. Compressed caches (attamba):
+ * the list is [compressed_pages pages of chunk-end rows][window_pages token-stream pages, the
+ * first being token page window_first_page]; kvp_batch.seq_lens[b] must be seq_len and
+ * query_pos_starts[b] the step's first position. Token pages before window_first_page are no
+ * longer read (free them); the first stable_rows compressed rows never change again (their full
+ * pages can be prefix-cached). */
+typedef struct kvp_cache_layout {
+  size_t struct_size;
+  int32_t seq_len;            /* kvp_batch.seq_lens value: rows the page list covers */
+  int32_t num_pages;          /* compressed_pages + window_pages */
+  int32_t compressed_rows;    /* compressed rows in use (the most any layer needs) */
+  int32_t compressed_pages;
+  int32_t stable_rows;        /* compressed rows every layer has written for good */
+  int32_t window_first_page;  /* the first token-stream page in the list */
+  int32_t window_pages;
+} kvp_cache_layout;
+
+KVP_API kvp_status kvp_attention_cache_layout(const kvp_attention* attention, int32_t block_size, int32_t num_tokens,
+                                              int32_t query_pos_start, kvp_cache_layout* out_layout);
+
+/* Since ABI 0.5: a backend's sequence-state operator over the plan's tokens (attamba: the
+ * chunk-local Mamba-2 block that makes K or V: causal depthwise conv + SiLU over xBC, selective scan,
+ * D skip, y * silu(z), grouped RMSNorm; state reset at every chunk start of the layer). The engine
+ * runs in_proj before and out_proj after (K = x + out_proj(y)). State: the cache's state slots
+ * (kvp_batch.state_slots, kvp_attention_state_bytes); kvp_batch.query_pos_starts required. Tensors
+ * float32 on the cache's device (CPU so far), last axis contiguous. Shapes with d_inner = ssm_heads x
+ * ssm_head_dim, conv_dim = d_inner + 2 ssm_groups state_size: in [T, 2 d_inner + 2 G N + heads]
+ * (in_proj's output [z | xBC | dt]), conv_weight [conv_dim, conv_width] (the last column multiplies
+ * the current token), conv_bias [conv_dim], dt_bias, a_log, d_skip [heads], norm_weight [d_inner],
+ * out [T, d_inner]. Optional (NULL): conv_bias, dt_bias, d_skip (0), norm_weight (gate only).
+ * KVP_ERR_NOT_SUPPORTED for backends without one. */
+typedef struct kvp_ssm_args {
+  size_t struct_size;
+  int32_t which;  /* attamba: 0 the key SSM, 1 the value SSM (separate state) */
+  const DLTensor* in;
+  const DLTensor* conv_weight;
+  const DLTensor* conv_bias;
+  const DLTensor* dt_bias;
+  const DLTensor* a_log;
+  const DLTensor* d_skip;
+  const DLTensor* norm_weight;
+  DLTensor* out;
+} kvp_ssm_args;
+
+KVP_API kvp_status kvp_attention_ssm(const kvp_attention* attention, const kvp_plan* plan, kvp_kv_cache* cache,
+                                     int32_t layer, const kvp_ssm_args* args);
+
+/* ------------------------------------------------------------------------------------------------
+ * Communicators (since ABI 0.4): merge partial attention states held by several shards (Star
+ * Attention's phase 2: every shard attends the query to the context keys it holds; the partials
+ * (out, lse) are all-gathered and merged exactly, as kvp_attention_merge_states does, so that every
+ * rank ends with the attention over all keys).
+ *
+ *  - KVP_COMM_IN_PROCESS: one handle for all ranks of one process (one context, one device). Each
+ *    rank contributes its partial with kvp_comm_merge_attention, in any order, from any thread; the
+ *    call that completes the round merges and writes the result into every rank's out (and lse).
+ *    Until then earlier ranks' tensors must stay alive and unread. Not a barrier: with threads, the
+ *    caller synchronizes before reading.
+ *  - KVP_COMM_NCCL: one handle per rank (one process or thread per GPU). NCCL is loaded with dlopen
+ *    on first use (libnccl.so.2; KVP_ERR_NOT_SUPPORTED if absent); the caller distributes the
+ *    unique id from kvp_comm_nccl_unique_id to every rank as it likes. Each call all-gathers the
+ *    partials on the context's stream and merges them there (every rank must call with the same
+ *    number of tokens: set validate_each_call to check it, at the price of a synchronization).
+ *    Leave NVLink multicast off (NCCL_NVLS_ENABLE=0).
+ * Thread safety: in-process handles are thread-safe; an NCCL handle is not.
+ * ---------------------------------------------------------------------------------------------- */
+
+typedef struct kvp_comm kvp_comm;
+
+#define KVP_NCCL_UNIQUE_ID_BYTES 128
+
+typedef enum kvp_comm_kind {
+  KVP_COMM_IN_PROCESS = 1,
+  KVP_COMM_NCCL = 2
+} kvp_comm_kind;
+
+typedef struct kvp_comm_options {
+  size_t struct_size;
+  int32_t kind;                    /* kvp_comm_kind */
+  int32_t num_ranks;               /* in [1, 1024] */
+  int32_t rank;                    /* NCCL: this handle's rank in [0, num_ranks); in-process: 0 */
+  const uint8_t* nccl_unique_id;   /* NCCL: KVP_NCCL_UNIQUE_ID_BYTES bytes; else NULL */
+  int32_t max_num_tokens;          /* > 0: rows of one merge (scratch is sized once from these) */
+  int32_t num_heads;               /* > 0: query heads */
+  int32_t head_size;               /* > 0 */
+  int32_t out_dtype;               /* kvp_dtype of the partial outputs (float32/float16/bfloat16) */
+  int32_t validate_each_call;      /* NCCL: 1 = check that all ranks pass equal shapes per call */
+} kvp_comm_options;
+
+/* NCCL's unique id for a new communicator, on the rank that creates it (out_id: 128 bytes).
+ * KVP_ERR_NOT_SUPPORTED without libnccl.so.2; KVP_ERR_DEVICE if NCCL fails. */
+KVP_API kvp_status kvp_comm_nccl_unique_id(uint8_t* out_id);
+
+/* NCCL: collective over all ranks (each must call it); shapes, kinds and head counts are exchanged
+ * and checked once here (KVP_ERR_INVALID_ARGUMENT naming the ranks that differ). KVP_ERR_NOT_SUPPORTED
+ * for NCCL on a CPU context, in a build without CUDA, or without libnccl.so.2. */
+KVP_API kvp_status kvp_comm_create(const kvp_context* context, const kvp_comm_options* options,
+                                   kvp_comm** out_comm);
+KVP_API void kvp_comm_destroy(kvp_comm* comm);
+
+/* Contribute `rank`'s partial attention (out [T, H, D] contiguous, the comm's dtype; lse [T, H]
+ * float32, natural log, -inf for rows that saw no key) and receive the merge over all ranks in
+ * place. T <= max_num_tokens. KVP_ERR_FAILED_PRECONDITION if `rank` already contributed to the
+ * round in progress; KVP_ERR_INVALID_ARGUMENT for a rank outside [0, num_ranks), shapes, dtypes or
+ * devices that differ from the
+ * comm's or from the round's first contribution; KVP_ERR_DEVICE for a failed NCCL call. */
+KVP_API kvp_status kvp_comm_merge_attention(kvp_comm* comm, int32_t rank, DLTensor* out, DLTensor* lse);
+
+/* In-process: the ranks that contributed to the round in progress (0 when none is open). */
+KVP_API kvp_status kvp_comm_pending(const kvp_comm* comm, int32_t* out_num_contributed);
+
+/* ------------------------------------------------------------------------------------------------
+ * Star Attention's context blocks in the prefix cache (since ABI 0.4).
+ *
+ * A Star context block (Star phase 1) depends only on the anchor (the first anchor_size tokens) and
+ * its own tokens at their positions, not on the blocks between. The chained hash keys a block by
+ * its whole prefix, so a document whose middle differs misses every block after the change; the
+ * Star key (anchor hash, the block's tokens, its start position) reuses every unchanged block.
+ * Query and generated tokens attend to the whole context and keep a key chained from all of it.
+ * ---------------------------------------------------------------------------------------------- */
+
+typedef struct kvp_star_layout {
+  size_t struct_size;
+  int64_t context_len;        /* >= 0: tokens [0, context_len) are context */
+  int32_t context_block_size; /* > 0, a multiple of the manager's block_size */
+  int32_t anchor_size;        /* in [1, context_block_size] */
+} kvp_star_layout;
+
+/* kvp_block_manager_allocate with Star keys for the context. `out_cached_blocks` (optional,
+ * ceil(num_tokens / block_size) entries) receives 1 for each block whose K/V is already cached
+ * (hits need not be leading: recompute only the Star blocks with a 0, in increasing order, then
+ * kvp_block_manager_mark_computed as usual); `out_num_cached_tokens` (optional) the tokens in those
+ * blocks. The last token is never served from the cache. The sequence keeps Star keys when
+ * appended to. Statuses as kvp_block_manager_allocate, KVP_ERR_INVALID_ARGUMENT for the layout. */
+KVP_API kvp_status kvp_block_manager_allocate_star(kvp_block_manager* manager, uint64_t seq_id,
+                                                   const int32_t* token_ids, int64_t num_tokens,
+                                                   uint64_t extra_key, const kvp_star_layout* layout,
+                                                   uint8_t* out_cached_blocks,
+                                                   int64_t* out_num_cached_tokens);
 
 #ifdef __cplusplus
 } /* extern "C" */

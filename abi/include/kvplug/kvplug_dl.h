@@ -26,6 +26,7 @@
   X(kvp_backend_count) \
   X(kvp_backend_name) \
   X(kvp_backend_info_get) \
+  X(kvp_backend_device_info_get) \
   X(kvp_context_create) \
   X(kvp_context_destroy) \
   X(kvp_context_set_stream) \
@@ -60,11 +61,23 @@
   X(kvp_plan_create) \
   X(kvp_plan_destroy) \
   X(kvp_plan_update) \
+  X(kvp_plan_attach) \
   X(kvp_attention_create) \
   X(kvp_attention_destroy) \
   X(kvp_config_check) \
   X(kvp_attention_write_kv) \
   X(kvp_attention_run) \
+  X(kvp_attention_run_v2) \
+  X(kvp_attention_merge_states) \
+  X(kvp_attention_state_bytes) \
+  X(kvp_block_manager_allocate_star) \
+  X(kvp_comm_nccl_unique_id) \
+  X(kvp_comm_create) \
+  X(kvp_comm_destroy) \
+  X(kvp_comm_merge_attention) \
+  X(kvp_comm_pending) \
+  X(kvp_attention_cache_layout) \
+  X(kvp_attention_ssm) \
 
 /* Pointer types first: C++ forbids a member whose declaration names what the member then renames. */
 #define KVP_API_TYPEDEF(name) typedef __typeof__(&name) name##_fn;

@@ -5,31 +5,18 @@
 #include <vector>
 
 #include "fmt/format.h"
+#include "kvplug/attention/kv_write.h"
+#include "kvplug/attention/telemetry.h"
 #include "fmt/ranges.h"
-#include "kvplug/attention/dense/dense.h"
 
 namespace kvplug::attn {
 
-absl::Status AttentionBackend::WriteKv(const WriteArgs& args) const {
-  return args.cache.Write(args.layer, args.key, args.value, args.plan.slot_mapping(),
-                          args.plan.device_slot_mapping(), args.exec.stream);
-}
+absl::Status AttentionBackend::WriteKv(const WriteArgs& args) const { return WritePagedKv(args, nullptr); }
 
-std::span<const BackendInfo> Backends() {
-  // Explicit registration (as ggml's backend registry does): no static-initialization order games,
-  // and nothing is dropped by the linker when the library is built from static archives.
-  static const std::vector<BackendInfo> backends = [] {
-    std::vector<BackendInfo> list;
-    list.push_back(dense::Info());
-    return list;
-  }();
-  return backends;
-}
-
-const BackendInfo* FindBackend(std::string_view name) {
-  for (const BackendInfo& info : Backends())
-    if (info.name == name) return &info;
-  return nullptr;
+uint32_t BackendInfo::device_mask() const {
+  uint32_t mask = 1u << static_cast<int32_t>(Device::kCpu);
+  if (cuda.dtype_mask != 0) mask |= 1u << static_cast<int32_t>(Device::kCuda);
+  return mask;
 }
 
 }  // namespace kvplug::attn
@@ -57,6 +44,10 @@ absl::Status CheckCache(const HeadConfig& h, const BatchPlan& plan, const kv::Kv
   if (plan.max_block_id() >= o.num_blocks)
     return absl::OutOfRangeError(fmt::format("the plan references block {} but the cache has {} blocks",
                                              plan.max_block_id(), o.num_blocks));
+  if (plan.has_state_slots() && o.num_state_slots == 0)
+    return absl::FailedPreconditionError(
+        "the plan gives state slots but the cache has none (num_state_slots=0): create the cache with "
+        "num_state_slots > 0 and state_bytes_per_layer >= kvp_attention_state_bytes()");
   if (plan.has_state_slots() && plan.max_state_slot() >= o.num_state_slots)
     return absl::OutOfRangeError(fmt::format("the plan references state slot {} but the cache has {}",
                                              plan.max_state_slot(), o.num_state_slots));
@@ -76,20 +67,46 @@ absl::Status CheckTokens(const TensorView& t, const char* name, int64_t tokens, 
 
 }  // namespace
 
+CacheLayout AttentionBackend::Layout(int32_t block_size, int32_t num_tokens, int32_t) const {
+  CacheLayout l;
+  l.seq_len = num_tokens;
+  l.window_pages = num_tokens > 0 ? (num_tokens - 1) / block_size + 1 : 0;
+  l.num_pages = l.window_pages;
+  return l;
+}
+
+absl::Status AttentionBackend::RunSsm(const SsmArgs&) const {
+  return absl::UnimplementedError("this backend has no sequence-state operator (kvp_attention_ssm)");
+}
+
 absl::Status ValidateRun(const HeadConfig& h, const RunArgs& a) {
   if (absl::Status s = CheckCache(h, a.plan, a.cache, a.layer); !s.ok()) return s;
   const int64_t t = a.plan.num_tokens();
   if (absl::Status s = CheckTokens(a.query, "query", t, h.num_q_heads, h.head_size); !s.ok()) return s;
-  if (absl::Status s = CheckTokens(a.out, "out", t, h.num_q_heads, h.head_size); !s.ok()) return s;
-  if (a.out.dtype != a.query.dtype)
+  if (!a.outputs.out) return absl::InvalidArgumentError("out is required");
+  if (absl::Status s = CheckTokens(*a.outputs.out, "out", t, h.num_q_heads, h.head_size); !s.ok()) return s;
+  if (a.outputs.out->dtype != a.query.dtype)
     return absl::InvalidArgumentError(fmt::format("out dtype {} differs from query dtype {}",
-                                                  DTypeName(a.out.dtype), DTypeName(a.query.dtype)));
-  if (a.lse) {
-    if (a.lse->ndim != 2 || a.lse->shape[0] != t || a.lse->shape[1] != h.num_q_heads)
-      return absl::InvalidArgumentError(fmt::format("lse: expected shape [{}, {}], got ndim={}", t,
-                                                    h.num_q_heads, a.lse->ndim));
-    if (a.lse->dtype != DType::kF32)
-      return absl::InvalidArgumentError(fmt::format("lse: dtype must be float32, got {}", DTypeName(a.lse->dtype)));
+                                                  DTypeName(a.outputs.out->dtype), DTypeName(a.query.dtype)));
+  if (const TensorView* s = a.outputs.entropy_summary) {
+    if (s->ndim != 2 || s->shape[0] != h.num_q_heads || s->shape[1] != kEntropySummaryFields)
+      return absl::InvalidArgumentError(fmt::format("entropy_summary: expected shape [{}, {}], got ndim={} [{}]",
+                                                    h.num_q_heads, kEntropySummaryFields, s->ndim,
+                                                    fmt::join(s->shape.begin(), s->shape.begin() + s->ndim, ", ")));
+    if (s->dtype != DType::kF32)
+      return absl::InvalidArgumentError(fmt::format("entropy_summary: dtype must be float32, got {}", DTypeName(s->dtype)));
+    if (s->strides[1] != 1 || s->strides[0] != kEntropySummaryFields)
+      return absl::InvalidArgumentError(fmt::format("entropy_summary: must be contiguous, got strides [{}, {}]",
+                                                    s->strides[0], s->strides[1]));
+  }
+  for (const auto& [v, name] : {std::pair{a.outputs.lse, "lse"}, std::pair{a.outputs.entropy, "entropy"}}) {
+    if (!v) continue;
+    if (v->ndim != 2 || v->shape[0] != t || v->shape[1] != h.num_q_heads)
+      return absl::InvalidArgumentError(fmt::format("{}: expected shape [{}, {}], got ndim={} [{}]", name, t,
+                                                    h.num_q_heads, v->ndim,
+                                                    fmt::join(v->shape.begin(), v->shape.begin() + v->ndim, ", ")));
+    if (v->dtype != DType::kF32)
+      return absl::InvalidArgumentError(fmt::format("{}: dtype must be float32, got {}", name, DTypeName(v->dtype)));
   }
   return absl::OkStatus();
 }
@@ -113,18 +130,27 @@ absl::Status ValidateHeads(const BackendInfo& info, const HeadConfig& h, Device 
         "num_q_heads={} must be a positive multiple of num_kv_heads={}", h.num_q_heads, h.num_kv_heads));
   if (h.num_q_heads > 4096)
     return absl::InvalidArgumentError(fmt::format("num_q_heads={} must be <= 4096", h.num_q_heads));
-  if (std::find(info.head_sizes.begin(), info.head_sizes.end(), h.head_size) == info.head_sizes.end())
-    return absl::UnimplementedError(fmt::format("backend '{}' supports head sizes [{}], not head_size={}",
-                                                info.name, fmt::join(info.head_sizes, ", "), h.head_size));
-  const auto dt = static_cast<int32_t>(h.kv_dtype);
-  if (dt < 0 || dt > 31 || !(info.dtype_mask & (1u << dt)))
-    return absl::UnimplementedError(fmt::format("backend '{}' does not support kv_dtype={}", info.name, dt));
-  if (!(info.device_mask & (1u << static_cast<int32_t>(device))))
+  const DeviceCaps* caps = info.caps(device);
+  if (!caps)
     return absl::UnimplementedError(fmt::format("backend '{}' has no implementation for device type {}",
                                                 info.name, static_cast<int32_t>(device)));
+  const char* where = device == Device::kCuda ? "CUDA" : "CPU";
+  if (std::find(caps->head_sizes.begin(), caps->head_sizes.end(), h.head_size) == caps->head_sizes.end())
+    return absl::UnimplementedError(fmt::format("backend '{}' ({}) supports head sizes [{}], not head_size={}",
+                                                info.name, where, fmt::join(caps->head_sizes, ", "), h.head_size));
+  const auto dt = static_cast<int32_t>(h.kv_dtype);
+  if (dt < 0 || dt > 31 || !(caps->dtype_mask & (1u << dt)))
+    return absl::UnimplementedError(fmt::format("backend '{}' ({}) does not support kv_dtype={} ({})", info.name,
+                                                where, dt, DTypeName(h.kv_dtype)));
   if (!(h.sm_scale > 0.0f) || !std::isfinite(h.sm_scale))
     return absl::InvalidArgumentError(fmt::format("sm_scale={} must be finite and > 0", h.sm_scale));
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<AttentionBackend>> CreateBackend(const BackendInfo& info, const HeadConfig& heads,
+                                                                const BackendConfig& config, const ExecContext& exec) {
+  if (absl::Status s = ValidateHeads(info, heads, exec.device); !s.ok()) return s;
+  return info.create(heads, config, exec);
 }
 
 }  // namespace kvplug::attn

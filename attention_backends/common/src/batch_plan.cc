@@ -11,6 +11,8 @@
 namespace kvplug::attn {
 namespace {
 absl::Status Bad(std::string msg) { return absl::InvalidArgumentError(std::move(msg)); }
+// Positions stay far from int32 overflow in the engines' arithmetic (p + window, p - k).
+constexpr int64_t kMaxPosition = int64_t{1} << 30;
 }  // namespace
 
 absl::Status BatchPlan::ValidateCapacity(const PlanCapacity& c) {
@@ -27,6 +29,8 @@ BatchPlan::BatchPlan(const PlanCapacity& c)
     : capacity_(c),
       query_start_loc_(c.max_num_seqs + 1),
       seq_lens_(c.max_num_seqs),
+      context_lens_(c.max_num_seqs),
+      query_pos_starts_(c.max_num_seqs),
       kv_indptr_(c.max_num_seqs + 1),
       kv_indices_(c.max_num_blocks),
       token_seq_(c.max_num_tokens),
@@ -39,10 +43,13 @@ struct BatchPlan::DeviceMirror {
   void* kv_indptr = nullptr;
   void* kv_indices = nullptr;
   void* slot_mapping = nullptr;
+  void* token_seq = nullptr;
+  void* state_slots = nullptr;
 };
 
 void BatchPlan::DeviceMirrorDeleter::operator()(DeviceMirror* m) const {
-  for (void* p : {m->query_start_loc, m->seq_lens, m->kv_indptr, m->kv_indices, m->slot_mapping})
+  for (void* p : {m->query_start_loc, m->seq_lens, m->kv_indptr, m->kv_indices, m->slot_mapping, m->token_seq,
+                  m->state_slots})
     kv::cuda::DeviceFree(p);
   delete m;
 }
@@ -54,7 +61,9 @@ absl::Status BatchPlan::EnableDevice(int32_t device_id) {
       {&m->seq_lens, capacity_.max_num_seqs * 4LL},
       {&m->kv_indptr, (capacity_.max_num_seqs + 1) * 4LL},
       {&m->kv_indices, capacity_.max_num_blocks * 4LL},
-      {&m->slot_mapping, capacity_.max_num_tokens * 8LL}};
+      {&m->slot_mapping, capacity_.max_num_tokens * 8LL},
+      {&m->token_seq, capacity_.max_num_tokens * 4LL},
+      {&m->state_slots, capacity_.max_num_seqs * 4LL}};
   for (const auto& [ptr, bytes] : buffers) {
     if (ShouldFailAllocation())
       return absl::ResourceExhaustedError(fmt::format("plan: allocating {} device bytes failed (injected)", bytes));
@@ -71,6 +80,8 @@ const int32_t* BatchPlan::device_seq_lens() const { return device_ ? static_cast
 const int32_t* BatchPlan::device_kv_indptr() const { return device_ ? static_cast<const int32_t*>(device_->kv_indptr) : nullptr; }
 const int32_t* BatchPlan::device_kv_indices() const { return device_ ? static_cast<const int32_t*>(device_->kv_indices) : nullptr; }
 const int64_t* BatchPlan::device_slot_mapping() const { return device_ ? static_cast<const int64_t*>(device_->slot_mapping) : nullptr; }
+const int32_t* BatchPlan::device_token_seq() const { return device_ ? static_cast<const int32_t*>(device_->token_seq) : nullptr; }
+const int32_t* BatchPlan::device_state_slots() const { return device_ ? static_cast<const int32_t*>(device_->state_slots) : nullptr; }
 
 absl::Status BatchPlan::Upload(void* stream) {
   // From the plan's own host vectors: pageable memory, so the copies are staged before these calls
@@ -80,7 +91,9 @@ absl::Status BatchPlan::Upload(void* stream) {
       {device_->seq_lens, seq_lens_.data(), num_seqs_ * 4LL},
       {device_->kv_indptr, kv_indptr_.data(), (num_seqs_ + 1) * 4LL},
       {device_->kv_indices, kv_indices_.data(), kv_indptr_[num_seqs_] * 4LL},
-      {device_->slot_mapping, slot_mapping_.data(), has_slot_mapping_ ? num_tokens_ * 8LL : 0}};
+      {device_->slot_mapping, slot_mapping_.data(), has_slot_mapping_ ? num_tokens_ * 8LL : 0},
+      {device_->token_seq, token_seq_.data(), num_tokens_ * 4LL},
+      {device_->state_slots, state_slots_.data(), has_state_slots_ ? num_seqs_ * 4LL : 0}};
   for (const auto& [dst, src, bytes] : copies) {
     if (bytes == 0) continue;
     if (const int e = kv::cuda::MemcpyAsync(dst, src, bytes, stream); e != 0)
@@ -90,6 +103,7 @@ absl::Status BatchPlan::Upload(void* stream) {
 }
 
 absl::Status BatchPlan::Update(const BatchInput& in, void* stream) {
+  ++generation_;
   absl::Status s = Fill(in);
   if (s.ok() && device_) s = Upload(stream);
   if (!s.ok()) {
@@ -130,8 +144,22 @@ absl::Status BatchPlan::Fill(const BatchInput& in) {
       return absl::OutOfRangeError(fmt::format("query_start_loc[{}]={} exceeds the plan's max_num_tokens={}",
                                                b + 1, q1, capacity_.max_num_tokens));
     const int32_t len = in.seq_lens[b];
-    if (len < q1 - q0 || len < 0)
+    if (len < 0) return Bad(fmt::format("seq_lens[{}]={} must be >= 0", b, len));
+    if (in.query_pos_starts) {
+      // Explicit positions: a shard may hold fewer keys than the step has query tokens.
+      const int32_t p0 = in.query_pos_starts[b];
+      if (p0 < 0 || static_cast<int64_t>(p0) + (q1 - q0) > kMaxPosition)
+        return Bad(fmt::format("query_pos_starts[{}]={} must be in [0, {}] for its {} tokens", b, p0,
+                               kMaxPosition - (q1 - q0), q1 - q0));
+      query_pos_starts_[b] = p0;
+    } else if (len < q1 - q0) {
       return Bad(fmt::format("seq_lens[{}]={} is shorter than its {} query tokens", b, len, q1 - q0));
+    }
+    if (in.context_lens) {
+      if (in.context_lens[b] < 0 || in.context_lens[b] > kMaxPosition)
+        return Bad(fmt::format("context_lens[{}]={} must be in [0, {}]", b, in.context_lens[b], kMaxPosition));
+      context_lens_[b] = in.context_lens[b];
+    }
     const int64_t need = (static_cast<int64_t>(len) + in.block_size - 1) / in.block_size;
     const int32_t* row;
     if (dense) {
@@ -168,6 +196,8 @@ absl::Status BatchPlan::Fill(const BatchInput& in) {
   query_start_loc_[b_count] = num_tokens;
   kv_indptr_[b_count] = static_cast<int32_t>(blocks);
 
+  has_context_lens_ = in.context_lens != nullptr;
+  has_query_pos_starts_ = in.query_pos_starts != nullptr;
   has_slot_mapping_ = in.slot_mapping != nullptr;
   if (has_slot_mapping_) {
     for (int32_t t = 0; t < num_tokens; ++t) {

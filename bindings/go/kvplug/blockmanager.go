@@ -207,6 +207,62 @@ func (m *BlockManager) Allocate(seqID uint64, numTokens int, tokenIDs []int32, e
 	return int(cached), err
 }
 
+// StarLayout says where a sequence's Star Attention context lies (kvp_star_layout, since ABI 0.4).
+type StarLayout struct {
+	ContextLen       int // >= 0: tokens [0, ContextLen) are context
+	ContextBlockSize int // > 0, a multiple of the manager's block size
+	AnchorSize       int // in [1, ContextBlockSize]: the first AnchorSize tokens
+}
+
+// AllocateStar is Allocate with Star keys for the context: a context block is keyed by the anchor,
+// its own tokens and its start position, so blocks after a changed middle block are still reused.
+// cachedBlocks has one entry per block of the sequence, true where its K/V is already cached (hits
+// need not be leading: recompute only the Star blocks with false, in increasing order, then
+// MarkComputed as usual); cachedTokens counts the tokens in those blocks. The last token is never
+// served from the cache. ErrInvalidArgument for the layout; otherwise as Allocate.
+func (m *BlockManager) AllocateStar(seqID uint64, numTokens int, tokenIDs []int32, extraKey uint64,
+	layout StarLayout) (cachedBlocks []bool, cachedTokens int, err error) {
+	const op = "BlockManager.AllocateStar"
+	if err := checkTokens(op, numTokens, tokenIDs); err != nil {
+		return nil, 0, err
+	}
+	for _, v := range []int{layout.ContextBlockSize, layout.AnchorSize} {
+		if int(int32(v)) != v {
+			return nil, 0, invalid(op, "layout value %d does not fit int32", v)
+		}
+	}
+	p, err := m.h.exclusive(op)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer m.h.mu.Unlock()
+	l := C.kvp_star_layout{
+		struct_size:        C.sizeof_kvp_star_layout,
+		context_len:        C.int64_t(layout.ContextLen),
+		context_block_size: C.int32_t(layout.ContextBlockSize),
+		anchor_size:        C.int32_t(layout.AnchorSize),
+	}
+	// ceil(numTokens / block_size) flags; at least one so the pointer is never NULL.
+	numBlocks := 0
+	if numTokens >= 1 && m.blockSize > 0 {
+		numBlocks = (numTokens + m.blockSize - 1) / m.blockSize
+	}
+	flags := make([]uint8, numBlocks+1)
+	var cached C.int64_t
+	err = call(op, func() C.kvp_status {
+		return C.kvp_block_manager_allocate_star(p, C.uint64_t(seqID), int32Ptr(tokenIDs), C.int64_t(numTokens),
+			C.uint64_t(extraKey), &l, (*C.uint8_t)(unsafe.Pointer(&flags[0])), &cached)
+	})
+	if err != nil {
+		return nil, 0, err
+	}
+	cachedBlocks = make([]bool, numBlocks)
+	for i := range cachedBlocks {
+		cachedBlocks[i] = flags[i] != 0
+	}
+	return cachedBlocks, int(cached), nil
+}
+
 // CanAppend tells whether numTokens more tokens could be appended to seqID now.
 func (m *BlockManager) CanAppend(seqID uint64, numTokens int) (bool, error) {
 	const op = "BlockManager.CanAppend"

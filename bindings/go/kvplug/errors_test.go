@@ -2,6 +2,7 @@ package kvplug_test
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -282,4 +283,62 @@ func TestTensorAndBatchErrors(t *testing.T) {
 		}
 	}
 	untouched()
+}
+
+// Per-device capabilities: dense on the CPU takes head size 128 and every optional output; the CPU
+// entry of every backend agrees with GetBackendInfo (whose head sizes are the CPU's); the device
+// mask says which devices report available; bad arguments are typed errors naming the value.
+func TestBackendDeviceInfo(t *testing.T) {
+	cpu, err := kvplug.GetBackendDeviceInfo("dense", kvplug.DeviceCPU)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cpu.Device != kvplug.DeviceCPU || !cpu.Available || !cpu.SupportsHeadSize(128) || cpu.SupportsHeadSize(100) ||
+		!cpu.SupportsDType(kvplug.Float32) || !cpu.SupportsDType(kvplug.BFloat16) || cpu.SupportsDType(kvplug.FP8E4M3) ||
+		!cpu.SupportsLSE || !cpu.SupportsEntropy || cpu.NeedsStateSlots || cpu.Experimental {
+		t.Fatalf("dense on the CPU: %+v", cpu)
+	}
+	names, err := kvplug.Backends()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range names {
+		info, err := kvplug.GetBackendInfo(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := kvplug.GetBackendDeviceInfo(name, kvplug.DeviceCPU)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fmt.Sprint(c.HeadSizes) != fmt.Sprint(info.HeadSizes) || c.SupportsLSE != info.SupportsLSE ||
+			c.NeedsStateSlots != info.NeedsStateSlots {
+			t.Errorf("%s: CPU device info %+v disagrees with backend info %+v", name, c, info)
+		}
+		for _, dev := range []kvplug.Device{kvplug.DeviceCPU, kvplug.DeviceCUDA} {
+			d, err := kvplug.GetBackendDeviceInfo(name, dev)
+			if err != nil {
+				t.Fatal(err)
+			}
+			inMask := info.DeviceMask&(1<<uint(dev)) != 0
+			if d.Device != dev || d.Available != inMask || d.DTypeMask&^info.DTypeMask != 0 {
+				t.Errorf("%s on %v: %+v, backend info device mask %#x dtype mask %#x", name, dev, d, info.DeviceMask, info.DTypeMask)
+			}
+			if !d.Available && (d.DTypeMask != 0 || len(d.HeadSizes) != 0) {
+				t.Errorf("%s on %v: unavailable but lists capabilities: %+v", name, dev, d)
+			}
+		}
+	}
+	if strings.Contains(kvplug.VersionString(), "(cpu)") {
+		if g, err := kvplug.GetBackendDeviceInfo("dense", kvplug.DeviceCUDA); err != nil || g.Available {
+			t.Fatalf("CUDA on a CPU-only build: %+v, %v; want available = false and no error", g, err)
+		}
+	}
+	_, err = kvplug.GetBackendDeviceInfo("no-such-backend", kvplug.DeviceCPU)
+	wantErr(t, err, kvplug.ErrNotFound, "no-such-backend")
+	_, err = kvplug.GetBackendDeviceInfo("dense", kvplug.Device(3))
+	wantErr(t, err, kvplug.ErrInvalidArgument, "device_type=3")
+	if kvplug.DeviceCUDA.String() != "cuda" || kvplug.Device(3).String() != "Device(3)" {
+		t.Fatalf("Device names: %v, %v", kvplug.DeviceCUDA, kvplug.Device(3))
+	}
 }

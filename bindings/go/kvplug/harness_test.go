@@ -40,6 +40,7 @@ type env struct {
 	cache *kvplug.KvCache
 	plan  *kvplug.Plan
 	attn  *kvplug.Attention
+	batch *kvplug.Batch          // the last step's, for tests that plan it again
 	k, v  map[uint64][][]float32 // seq -> layer -> [pos][kv head][dim] as generated (float32)
 }
 
@@ -167,8 +168,9 @@ type item struct {
 
 // result of one step: the largest deviations from the reference over all layers.
 type result struct {
-	maxErr, maxLseErr float64
-	out               [][]float32 // per layer, as returned
+	maxErr, maxLseErr, maxEntErr float64
+	maxEnt                       float64     // the largest reference entropy: shows the check saw spread rows
+	out                          [][]float32 // per layer, as returned
 }
 
 // round is what the cache stores for x.
@@ -183,8 +185,8 @@ func round(d kvplug.DType, x float32) float64 {
 }
 
 // step runs one batch step: plan from the block manager (dense table or CSR), this step's K/V
-// through Attention.WriteKV, random queries through Attention.Run, and compares every layer with
-// the reference. The block manager and ground truth must already hold every row.
+// through Attention.WriteKV, random queries through Attention.RunWith (out, lse and entropy), and
+// compares every layer with the reference. The block manager and ground truth must already hold every row.
 func (e *env) step(items []item, csr bool) (result, error) {
 	n := len(items)
 	qsl := []int32{0}
@@ -230,6 +232,7 @@ func (e *env) step(items []item, csr bool) (result, error) {
 	if err := e.plan.Update(batch); err != nil {
 		return result{}, err
 	}
+	e.batch = batch
 	var res result
 	r, qRow := e.rowLen(), e.c.qHeads*e.c.head
 	scale := 1 / math.Sqrt(float64(e.c.head))
@@ -253,7 +256,7 @@ func (e *env) step(items []item, csr bool) (result, error) {
 		for i := range q {
 			q[i] = float32(e.rng.Float64()*2 - 1)
 		}
-		out, lse := make([]float32, T*qRow), make([]float32, T*e.c.qHeads)
+		out, lse, ent := make([]float32, T*qRow), make([]float32, T*e.c.qHeads), make([]float32, T*e.c.qHeads)
 		var qt, ot kvplug.Tensor
 		var outHalf []uint16
 		if e.c.queryDType == kvplug.Float32 {
@@ -268,7 +271,7 @@ func (e *env) step(items []item, csr bool) (result, error) {
 			qt = kvplug.HalfTensor(qh, e.c.queryDType, T, e.c.qHeads, e.c.head)
 			ot = kvplug.HalfTensor(outHalf, e.c.queryDType, T, e.c.qHeads, e.c.head)
 		}
-		if err := e.attn.Run(e.plan, e.cache, l, qt, ot, lse); err != nil {
+		if err := e.attn.RunWith(e.plan, e.cache, l, qt, kvplug.Outputs{Out: ot, LSE: lse, Entropy: ent}); err != nil {
 			return result{}, err
 		}
 		for i := range outHalf {
@@ -285,16 +288,20 @@ func (e *env) step(items []item, csr bool) (result, error) {
 			for i := range qd {
 				qd[i] = float64(q[int(qsl[b])*qRow+i])
 			}
-			ref, refLse := naive.Attention(p, seqLen, it.qLen, qd, kd, vd)
+			ref, refLse, refEnt := naive.States(p, seqLen, it.qLen, qd, kd, vd)
 			for i, x := range ref {
 				res.maxErr = math.Max(res.maxErr, math.Abs(x-float64(out[int(qsl[b])*qRow+i])))
 			}
 			for i, x := range refLse {
 				res.maxLseErr = math.Max(res.maxLseErr, math.Abs(x-float64(lse[int(qsl[b])*e.c.qHeads+i])))
 			}
+			for i, x := range refEnt {
+				res.maxEntErr = math.Max(res.maxEntErr, math.Abs(x-float64(ent[int(qsl[b])*e.c.qHeads+i])))
+				res.maxEnt = math.Max(res.maxEnt, x)
+			}
 		}
 	}
-	if math.IsNaN(res.maxErr) || math.IsNaN(res.maxLseErr) {
+	if math.IsNaN(res.maxErr) || math.IsNaN(res.maxLseErr) || math.IsNaN(res.maxEntErr) {
 		return res, errors.New("NaN in the output")
 	}
 	return res, nil

@@ -25,6 +25,28 @@ func TestABICheck(t *testing.T) {
 	}
 }
 
+// Compiled against ABI 0.3 (run_v2, merge_states, device info, attach, state bytes): a 0.3 or
+// newer 0.x library is accepted, a 0.2 one (which would reject the 0.3 structs, or lack the
+// symbols) and another major version are not.
+func TestABIVersionAccepts03(t *testing.T) {
+	if HeaderVersionMajor != 0 || HeaderVersionMinor < 3 {
+		t.Fatalf("compiled against header %d.%d, want 0.x with x >= 3", HeaderVersionMajor, HeaderVersionMinor)
+	}
+	for _, c := range []struct {
+		major, minor int
+		ok           bool
+	}{
+		{0, HeaderVersionMinor, true}, {0, HeaderVersionMinor + 1, true}, {0, 2, false}, {1, HeaderVersionMinor, false},
+	} {
+		if got := abiCompatible(c.major, c.minor); got != c.ok {
+			t.Errorf("abiCompatible(%d, %d) = %v, want %v", c.major, c.minor, got, c.ok)
+		}
+	}
+	if major, minor, _ := ABIVersion(); !abiCompatible(major, minor) {
+		t.Fatalf("the linked library's ABI %d.%d is not accepted", major, minor)
+	}
+}
+
 // Float16: every finite half survives half -> float32 -> half exactly; known encodings, rounding
 // to nearest even at ties, overflow to infinity and subnormals.
 func TestFloat16Conversion(t *testing.T) {
@@ -109,5 +131,41 @@ func TestTensorDesc(t *testing.T) {
 		if _, _, err := tt.desc("op", "x"); err == nil || err.(*Error).Code != StatusInvalidArgument {
 			t.Errorf("%s: %v, want an InvalidArgument error", name, err)
 		}
+	}
+}
+
+// A rank that contributes twice to the open round gets ErrFailedPrecondition; the round then
+// completes with the other rank (staging memory is held by the comm until Close).
+func TestCommContributeTwice(t *testing.T) {
+	ctx, err := NewContext(&ContextOptions{NumThreads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctx.Close()
+	c, err := ctx.NewComm(CommOptions{Kind: CommInProcess, NumRanks: 2, MaxNumTokens: 4, NumHeads: 1, HeadSize: 8, OutDType: Float32})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	out := Float32Tensor(make([]float32, 8), 1, 1, 8)
+	if err := c.contribute("test", 0, out, []float32{0}, true); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Pending(); n != 1 || err != nil {
+		t.Fatalf("pending %d %v", n, err)
+	}
+	err = c.contribute("test", 0, out, []float32{0}, true)
+	if e, ok := err.(*Error); !ok || e.Code != StatusFailedPrecondition {
+		t.Fatalf("second contribution of rank 0: %v", err)
+	}
+	err = c.contribute("test", 1, Float32Tensor(make([]float32, 16), 2, 1, 8), []float32{0, 0}, true)
+	if e, ok := err.(*Error); !ok || e.Code != StatusInvalidArgument {
+		t.Fatalf("rank 1 with another row count: %v", err)
+	}
+	if err := c.contribute("test", 1, out, []float32{0}, true); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Pending(); n != 0 || err != nil {
+		t.Fatalf("pending after the round %d %v", n, err)
 	}
 }

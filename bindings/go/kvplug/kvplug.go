@@ -135,7 +135,7 @@ var (
 func checkABI() error {
 	abiOnce.Do(func() {
 		major, minor, patch := ABIVersion()
-		if major != HeaderVersionMajor || minor < HeaderVersionMinor {
+		if !abiCompatible(major, minor) {
 			abiErr = &Error{Op: "kvplug", Code: StatusNotSupported, Message: fmt.Sprintf(
 				"the loaded libkvplug has ABI %d.%d.%d but this binding needs %d.x with x >= %d (compiled against %d.%d.%d)",
 				major, minor, patch, HeaderVersionMajor, HeaderVersionMinor, HeaderVersionMajor, HeaderVersionMinor,
@@ -143,6 +143,12 @@ func checkABI() error {
 		}
 	})
 	return abiErr
+}
+
+// abiCompatible: the header's major version, and a minor version at least the header's (a newer
+// library accepts every struct_size this package sends; an older one rejects the newer structs).
+func abiCompatible(major, minor int) bool {
+	return major == HeaderVersionMajor && minor >= HeaderVersionMinor
 }
 
 // statusStringFromLibrary is kvp_status_string, for tests comparing Status.String with it.
@@ -181,19 +187,10 @@ type BackendInfo struct {
 }
 
 // SupportsDType reports whether the backend reads caches of dtype d.
-func (b BackendInfo) SupportsDType(d DType) bool {
-	return d >= 0 && d < 32 && b.DTypeMask&(1<<uint(d)) != 0
-}
+func (b BackendInfo) SupportsDType(d DType) bool { return maskHas(b.DTypeMask, d) }
 
 // SupportsHeadSize reports whether head size n is listed.
-func (b BackendInfo) SupportsHeadSize(n int) bool {
-	for _, h := range b.HeadSizes {
-		if h == n {
-			return true
-		}
-	}
-	return false
-}
+func (b BackendInfo) SupportsHeadSize(n int) bool { return contains(b.HeadSizes, n) }
 
 // GetBackendInfo describes backend name; ErrNotFound for an unknown name.
 func GetBackendInfo(name string) (BackendInfo, error) {
@@ -210,19 +207,104 @@ func GetBackendInfo(name string) (BackendInfo, error) {
 	if err := call(op, func() C.kvp_status { return C.kvp_backend_info_get(cname, info) }); err != nil {
 		return BackendInfo{}, err
 	}
-	out := BackendInfo{
+	return BackendInfo{
 		Name:            C.GoString(info.name),
 		DTypeMask:       uint32(info.dtype_mask),
 		DeviceMask:      uint32(info.device_mask),
+		HeadSizes:       headSizes(info.head_sizes, info.num_head_sizes),
 		SupportsLSE:     info.supports_lse != 0,
 		NeedsStateSlots: info.needs_state_slots != 0,
+	}, nil
+}
+
+// Device is a DLPack device type (DLDeviceType), as kvp_backend_device_info_get takes it.
+type Device int32
+
+const (
+	DeviceCPU  Device = C.kDLCPU
+	DeviceCUDA Device = C.kDLCUDA
+)
+
+func (d Device) String() string {
+	switch d {
+	case DeviceCPU:
+		return "cpu"
+	case DeviceCUDA:
+		return "cuda"
 	}
-	if n := int(info.num_head_sizes); n > 0 {
-		for _, h := range unsafe.Slice((*int32)(unsafe.Pointer(info.head_sizes)), n) {
-			out.HeadSizes = append(out.HeadSizes, int(h))
+	return fmt.Sprintf("Device(%d)", int32(d))
+}
+
+// BackendDeviceInfo is what a backend offers on one device type (kvp_backend_device_info):
+// capabilities differ per device (the CUDA kernels take fewer head sizes than the CPU engine).
+type BackendDeviceInfo struct {
+	Device          Device
+	Available       bool   // the backend runs on this device in this build
+	DTypeMask       uint32 // bit (1 << DType) per cache dtype on this device
+	HeadSizes       []int
+	SupportsLSE     bool // Outputs.LSE can be set
+	SupportsEntropy bool // Outputs.Entropy can be set
+	NeedsStateSlots bool // the cache needs state slots (Attention.StateBytes)
+	Experimental    bool // its config table's fields may still change
+}
+
+// SupportsDType reports whether the backend reads caches of dtype d on this device.
+func (b BackendDeviceInfo) SupportsDType(d DType) bool { return maskHas(b.DTypeMask, d) }
+
+// SupportsHeadSize reports whether head size n is listed for this device.
+func (b BackendDeviceInfo) SupportsHeadSize(n int) bool { return contains(b.HeadSizes, n) }
+
+// GetBackendDeviceInfo describes backend name on device: ErrNotFound for an unknown name,
+// ErrInvalidArgument for a device other than DeviceCPU or DeviceCUDA. A device this build lacks
+// is reported with Available false, not as an error.
+func GetBackendDeviceInfo(name string, device Device) (BackendDeviceInfo, error) {
+	const op = "GetBackendDeviceInfo"
+	if err := checkABI(); err != nil {
+		return BackendDeviceInfo{}, err
+	}
+	cname := C.CString(name)
+	defer C.free(unsafe.Pointer(cname))
+	// In C memory, as in GetBackendInfo: the library writes a pointer into it.
+	info := (*C.kvp_backend_device_info)(C.calloc(1, C.sizeof_kvp_backend_device_info))
+	defer C.free(unsafe.Pointer(info))
+	info.struct_size = C.sizeof_kvp_backend_device_info
+	if err := call(op, func() C.kvp_status {
+		return C.kvp_backend_device_info_get(cname, C.int32_t(device), info)
+	}); err != nil {
+		return BackendDeviceInfo{}, err
+	}
+	return BackendDeviceInfo{
+		Device:          Device(info.device_type),
+		Available:       info.available != 0,
+		DTypeMask:       uint32(info.dtype_mask),
+		HeadSizes:       headSizes(info.head_sizes, info.num_head_sizes),
+		SupportsLSE:     info.supports_lse != 0,
+		SupportsEntropy: info.supports_entropy != 0,
+		NeedsStateSlots: info.needs_state_slots != 0,
+		Experimental:    info.experimental != 0,
+	}, nil
+}
+
+func maskHas(mask uint32, d DType) bool { return d >= 0 && d < 32 && mask&(1<<uint(d)) != 0 }
+
+func contains(xs []int, n int) bool {
+	for _, x := range xs {
+		if x == n {
+			return true
 		}
 	}
-	return out, nil
+	return false
+}
+
+// headSizes copies a library-owned (static) array.
+func headSizes(p *C.int32_t, n C.int32_t) []int {
+	var out []int
+	if n > 0 {
+		for _, h := range unsafe.Slice((*int32)(unsafe.Pointer(p)), int(n)) {
+			out = append(out, int(h))
+		}
+	}
+	return out
 }
 
 // ConfigFormat is how a backend config is encoded (kvp_config_format).

@@ -71,14 +71,93 @@ static inline kvp_status kvpg_attention_write_kv(const kvp_attention* attention,
   return kvp_attention_write_kv(attention, plan, cache, layer, &k, &v);
 }
 
-/* `ld` NULL: no log-sum-exp. */
+/* kvp_attention_run_v2 with its outputs struct built here; a NULL desc leaves that output unset. */
 static inline kvp_status kvpg_attention_run(const kvp_attention* attention, const kvp_plan* plan,
                                             const kvp_kv_cache* cache, int32_t layer, void* query,
                                             const kvpg_desc* qd, void* out, const kvpg_desc* od, void* lse,
-                                            const kvpg_desc* ld) {
-  DLTensor q = kvpg_tensor(query, qd), o = kvpg_tensor(out, od), l;
-  if (ld) l = kvpg_tensor(lse, ld);
-  return kvp_attention_run(attention, plan, cache, layer, &q, &o, ld ? &l : NULL);
+                                            const kvpg_desc* ld, void* entropy, const kvpg_desc* ed,
+                                            void* summary, const kvpg_desc* sd) {
+  DLTensor q = kvpg_tensor(query, qd), o = kvpg_tensor(out, od), l, e, s;
+  kvp_attention_outputs outs;
+  memset(&outs, 0, sizeof outs);
+  outs.struct_size = sizeof outs;
+  outs.out = &o;
+  if (ld) {
+    l = kvpg_tensor(lse, ld);
+    outs.lse = &l;
+  }
+  if (ed) {
+    e = kvpg_tensor(entropy, ed);
+    outs.entropy = &e;
+  }
+  if (sd) { /* since ABI 0.4 */
+    s = kvpg_tensor(summary, sd);
+    outs.entropy_summary = &s;
+  }
+  return kvp_attention_run_v2(attention, plan, cache, layer, &q, &outs);
+}
+
+/* kvp_attention_merge_states; NULL descs mark the optional tensors absent. */
+static inline kvp_status kvpg_merge_states(const kvp_context* context, void* partial_out, const kvpg_desc* pod,
+                                           void* partial_lse, const kvpg_desc* pld, void* partial_entropy,
+                                           const kvpg_desc* ped, void* out, const kvpg_desc* od, void* lse,
+                                           const kvpg_desc* ld, void* entropy, const kvpg_desc* ed) {
+  DLTensor po = kvpg_tensor(partial_out, pod), pl = kvpg_tensor(partial_lse, pld), pe, o = kvpg_tensor(out, od), l, e;
+  kvp_merge_states_args a;
+  memset(&a, 0, sizeof a);
+  a.struct_size = sizeof a;
+  a.partial_out = &po;
+  a.partial_lse = &pl;
+  a.out = &o;
+  if (ped) {
+    pe = kvpg_tensor(partial_entropy, ped);
+    a.partial_entropy = &pe;
+  }
+  if (ld) {
+    l = kvpg_tensor(lse, ld);
+    a.lse = &l;
+  }
+  if (ed) {
+    e = kvpg_tensor(entropy, ed);
+    a.entropy = &e;
+  }
+  return kvp_attention_merge_states(context, &a);
+}
+
+/* kvp_attention_ssm (ABI 0.5); NULL descs mark the optional tensors absent. */
+static inline kvp_status kvpg_attention_ssm(const kvp_attention* attention, const kvp_plan* plan, kvp_kv_cache* cache,
+                                            int32_t layer, int32_t which, void* in, const kvpg_desc* ind,
+                                            void* conv_weight, const kvpg_desc* cwd, void* conv_bias,
+                                            const kvpg_desc* cbd, void* dt_bias, const kvpg_desc* dbd, void* a_log,
+                                            const kvpg_desc* ald, void* d_skip, const kvpg_desc* dsd,
+                                            void* norm_weight, const kvpg_desc* nwd, void* out, const kvpg_desc* od) {
+  DLTensor x = kvpg_tensor(in, ind), cw = kvpg_tensor(conv_weight, cwd), al = kvpg_tensor(a_log, ald),
+           o = kvpg_tensor(out, od), cb, db, ds, nw;
+  kvp_ssm_args a;
+  memset(&a, 0, sizeof a);
+  a.struct_size = sizeof a;
+  a.which = which;
+  a.in = &x;
+  a.conv_weight = &cw;
+  a.a_log = &al;
+  a.out = &o;
+  if (cbd) {
+    cb = kvpg_tensor(conv_bias, cbd);
+    a.conv_bias = &cb;
+  }
+  if (dbd) {
+    db = kvpg_tensor(dt_bias, dbd);
+    a.dt_bias = &db;
+  }
+  if (dsd) {
+    ds = kvpg_tensor(d_skip, dsd);
+    a.d_skip = &ds;
+  }
+  if (nwd) {
+    nw = kvpg_tensor(norm_weight, nwd);
+    a.norm_weight = &nw;
+  }
+  return kvp_attention_ssm(attention, plan, cache, layer, &a);
 }
 
 /* kvp_batch built here from the Go slices' pointers (NULL for absent optional arrays). */
@@ -86,7 +165,8 @@ static inline kvp_status kvpg_plan_update(kvp_plan* plan, int32_t num_seqs, int3
                                           const int32_t* query_start_loc, const int32_t* seq_lens,
                                           const int32_t* block_table, int32_t block_table_stride,
                                           const int32_t* kv_indptr, const int32_t* kv_indices,
-                                          const int64_t* slot_mapping, const int32_t* state_slots) {
+                                          const int64_t* slot_mapping, const int32_t* state_slots,
+                                          const int32_t* context_lens, const int32_t* query_pos_starts) {
   kvp_batch b;
   memset(&b, 0, sizeof b);
   b.struct_size = sizeof b;
@@ -100,6 +180,8 @@ static inline kvp_status kvpg_plan_update(kvp_plan* plan, int32_t num_seqs, int3
   b.kv_indices = kv_indices;
   b.slot_mapping = slot_mapping;
   b.state_slots = state_slots;
+  b.context_lens = context_lens;
+  b.query_pos_starts = query_pos_starts;
   return kvp_plan_update(plan, &b);
 }
 
@@ -141,6 +223,32 @@ static inline kvp_status kvpg_state_copy(kvp_kv_cache* cache, int32_t layer, int
   if (s != KVP_OK) return s;
   if (*num_bytes > 0 && *num_bytes <= capacity) memcpy(dst, data, (size_t)*num_bytes);
   return KVP_OK;
+}
+
+/* One in-process round (ABI 0.4): rank r's partial is outs[r] / lses[r] (C memory, described by
+ * od / ld), contributed in rank order; stops at the first failure and reports its rank. */
+static inline kvp_status kvpg_comm_merge_all(kvp_comm* comm, int32_t num_ranks, void** outs, const kvpg_desc* od,
+                                             void** lses, const kvpg_desc* ld, DLTensor* tensors,
+                                             int32_t* failed_rank) {
+  for (int32_t r = 0; r < num_ranks; ++r) {
+    /* The DLTensors live in C memory owned by the caller until the round completes. */
+    tensors[2 * r] = kvpg_tensor(outs[r], od);
+    tensors[2 * r + 1] = kvpg_tensor(lses[r], ld);
+    kvp_status s = kvp_comm_merge_attention(comm, r, &tensors[2 * r], &tensors[2 * r + 1]);
+    if (s != KVP_OK) {
+      *failed_rank = r;
+      return s;
+    }
+  }
+  return KVP_OK;
+}
+
+/* One contribution over C memory (data, descs and DLTensors stay valid until the round completes). */
+static inline kvp_status kvpg_comm_contribute(kvp_comm* comm, int32_t rank, void* out, const kvpg_desc* od, void* lse,
+                                              const kvpg_desc* ld, DLTensor* tensors) {
+  tensors[0] = kvpg_tensor(out, od);
+  tensors[1] = kvpg_tensor(lse, ld);
+  return kvp_comm_merge_attention(comm, rank, &tensors[0], &tensors[1]);
 }
 
 #endif /* KVPLUG_BINDINGS_GO_KVPLUG_GO_H_ */

@@ -28,6 +28,15 @@ type Batch struct {
 	KVIndices        []int32
 	SlotMapping      []int64 // optional [num_tokens]: for Attention.WriteKV
 	StateSlots       []int32 // optional [num_seqs]: for backends with state
+	// Since ABI 0.4 (both optional; nil keeps the 0.3 meaning).
+	// ContextLens [num_seqs], >= 0: global positions below ContextLens[b] of sequence b are its
+	// context, the rest its query and generated tokens (Star Attention encodes the context in
+	// phase 1 and the rest in phase 2; other backends ignore it).
+	ContextLens []int32
+	// QueryPosStarts [num_seqs], >= 0: the global position of each sequence's first token of this
+	// step; nil: SeqLens[b] - q_len_b. Given, SeqLens may be shorter than the step (a Star shard
+	// that holds only context keys).
+	QueryPosStarts []int32
 }
 
 // Plan is the host-side description of one batch step, built once per step by Update and read
@@ -116,6 +125,12 @@ func (b *Batch) check(op string) error {
 	if b.StateSlots != nil && len(b.StateSlots) != n {
 		return invalid(op, "len(StateSlots)=%d but len(SeqLens)=%d", len(b.StateSlots), n)
 	}
+	if b.ContextLens != nil && len(b.ContextLens) != n {
+		return invalid(op, "len(ContextLens)=%d but len(SeqLens)=%d", len(b.ContextLens), n)
+	}
+	if b.QueryPosStarts != nil && len(b.QueryPosStarts) != n {
+		return invalid(op, "len(QueryPosStarts)=%d but len(SeqLens)=%d", len(b.QueryPosStarts), n)
+	}
 	return nil
 }
 
@@ -154,6 +169,31 @@ func (p *Plan) Update(b *Batch) error {
 	}
 	return call(op, func() C.kvp_status {
 		return C.kvpg_plan_update(ptr, C.int32_t(len(b.SeqLens)), C.int32_t(b.BlockSize), int32Ptr(b.QueryStartLoc),
-			int32Ptr(b.SeqLens), table, C.int32_t(b.BlockTableStride), indptr, indices, slots, int32Ptr(b.StateSlots))
+			int32Ptr(b.SeqLens), table, C.int32_t(b.BlockTableStride), indptr, indices, slots, int32Ptr(b.StateSlots),
+			int32Ptr(b.ContextLens), int32Ptr(b.QueryPosStarts))
 	})
+}
+
+// Attach makes every later Update plan for a too (and plans the current batch now): the step work
+// its runs need (key sets, split-KV partitions) is then built once per step, and attentions whose
+// planners agree share it. Running on a plan without attaching attaches at that run. Both must
+// come from the same Context (ErrInvalidArgument otherwise).
+func (p *Plan) Attach(a *Attention) error {
+	const op = "Plan.Attach"
+	if a == nil {
+		return invalid(op, "attention is required")
+	}
+	// Lock order everywhere: attention, plan, cache. The plan's lock is exclusive: attaching
+	// changes what its updates build.
+	ap, err := a.h.shared(op)
+	if err != nil {
+		return err
+	}
+	defer a.h.mu.RUnlock()
+	pp, err := p.h.exclusive(op)
+	if err != nil {
+		return err
+	}
+	defer p.h.mu.Unlock()
+	return call(op, func() C.kvp_status { return C.kvp_plan_attach(pp, ap) })
 }

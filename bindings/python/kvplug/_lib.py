@@ -28,14 +28,14 @@ from ctypes import (
     c_uint64,
     c_void_p,
 )
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .errors import LibraryLoadError, error_for_status
+from .errors import LibraryLoadError, NotSupportedError, error_for_status
 
 #: The ABI major version this binding was written for (KVP_ABI_VERSION_MAJOR of kvplug.h).
 ABI_VERSION_MAJOR = 0
 #: The minor version whose header this binding mirrors (newer minors only add things).
-ABI_VERSION_MINOR = 2
+ABI_VERSION_MINOR = 5
 
 # ------------------------------------------------------------------------------------------------
 # DLPack (dlpack/dlpack.h). DLTensor's layout is the same in DLPack 0.x and 1.x.
@@ -131,6 +131,21 @@ class kvp_backend_info(_Sized):
     ]
 
 
+class kvp_backend_device_info(_Sized):  # since ABI 0.3
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("device_type", c_int32),
+        ("available", c_int32),
+        ("dtype_mask", c_uint32),
+        ("head_sizes", POINTER(c_int32)),
+        ("num_head_sizes", c_int32),
+        ("supports_lse", c_int32),
+        ("supports_entropy", c_int32),
+        ("needs_state_slots", c_int32),
+        ("experimental", c_int32),
+    ]
+
+
 class kvp_context_options(_Sized):
     _fields_ = [
         ("struct_size", c_size_t),
@@ -216,7 +231,15 @@ class kvp_batch(_Sized):
         ("kv_indices", POINTER(c_int32)),
         ("slot_mapping", POINTER(c_int64)),
         ("state_slots", POINTER(c_int32)),
+        # Since ABI 0.4 (optional; NULL keeps the 0.3 meaning).
+        ("context_lens", POINTER(c_int32)),
+        ("query_pos_starts", POINTER(c_int32)),
     ]
+
+
+#: sizeof(kvp_batch) as ABI 0.3 declared it: a batch without the 0.4 fields is sent with this size,
+#: so that it also works with 0.3 libraries (which reject a struct_size larger than they know).
+KVP_BATCH_SIZE_0_3 = kvp_batch.context_lens.offset
 
 
 class kvp_attention_options(_Sized):
@@ -234,6 +257,90 @@ class kvp_attention_options(_Sized):
     ]
 
 
+class kvp_attention_outputs(_Sized):  # since ABI 0.3
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("out", POINTER(DLTensor)),
+        ("lse", POINTER(DLTensor)),
+        ("entropy", POINTER(DLTensor)),
+        # Since ABI 0.4: the per-head entropy summary [num_q_heads, 6] (kvp_attention_outputs.entropy_summary).
+        ("entropy_summary", POINTER(DLTensor)),
+    ]
+
+
+#: sizeof(kvp_attention_outputs) as ABI 0.3 declared it: outputs without an entropy summary are sent
+#: with this size, so that runs with entropy also work with 0.3 libraries.
+KVP_ATTENTION_OUTPUTS_SIZE_0_3 = kvp_attention_outputs.entropy_summary.offset
+
+#: The fields of one head's row of kvp_attention_outputs.entropy_summary, in order (telemetry.h).
+ENTROPY_SUMMARY_FIELDS = ("rows", "mean_entropy", "informative_rows", "mean_normalized_entropy", "collapse_rows",
+                          "overload_rows")
+
+
+class kvp_merge_states_args(_Sized):  # since ABI 0.3
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("partial_out", POINTER(DLTensor)),
+        ("partial_lse", POINTER(DLTensor)),
+        ("partial_entropy", POINTER(DLTensor)),
+        ("out", POINTER(DLTensor)),
+        ("lse", POINTER(DLTensor)),
+        ("entropy", POINTER(DLTensor)),
+    ]
+
+
+class kvp_comm_options(_Sized):  # since ABI 0.4
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("kind", c_int32),
+        ("num_ranks", c_int32),
+        ("rank", c_int32),
+        ("nccl_unique_id", POINTER(c_uint8)),
+        ("max_num_tokens", c_int32),
+        ("num_heads", c_int32),
+        ("head_size", c_int32),
+        ("out_dtype", c_int32),
+        ("validate_each_call", c_int32),
+    ]
+
+
+class kvp_star_layout(_Sized):  # since ABI 0.4
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("context_len", c_int64),
+        ("context_block_size", c_int32),
+        ("anchor_size", c_int32),
+    ]
+
+
+class kvp_cache_layout(_Sized):  # since ABI 0.5
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("seq_len", c_int32),
+        ("num_pages", c_int32),
+        ("compressed_rows", c_int32),
+        ("compressed_pages", c_int32),
+        ("stable_rows", c_int32),
+        ("window_first_page", c_int32),
+        ("window_pages", c_int32),
+    ]
+
+
+class kvp_ssm_args(_Sized):  # since ABI 0.5
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("which", c_int32),
+        ("in", POINTER(DLTensor)),
+        ("conv_weight", POINTER(DLTensor)),
+        ("conv_bias", POINTER(DLTensor)),
+        ("dt_bias", POINTER(DLTensor)),
+        ("a_log", POINTER(DLTensor)),
+        ("d_skip", POINTER(DLTensor)),
+        ("norm_weight", POINTER(DLTensor)),
+        ("out", POINTER(DLTensor)),
+    ]
+
+
 # Enum values of kvplug.h.
 KVP_DTYPE_FLOAT32 = 0
 KVP_DTYPE_FLOAT16 = 1
@@ -247,6 +354,9 @@ KVP_LAYOUT_BLOCK_FIRST = 1
 KVP_CONFIG_NONE = 0
 KVP_CONFIG_BINARY = 1
 KVP_CONFIG_JSON = 2
+KVP_COMM_IN_PROCESS = 1  # since ABI 0.4
+KVP_COMM_NCCL = 2
+KVP_NCCL_UNIQUE_ID_BYTES = 128
 
 # ------------------------------------------------------------------------------------------------
 # Entry points: (name, restype, argtypes), in header order. Enums cross the ABI as C ints
@@ -267,6 +377,7 @@ PROTOTYPES: List[Tuple[str, Any, Sequence[Any]]] = [
     ("kvp_backend_count", _status, [POINTER(c_int32)]),
     ("kvp_backend_name", _status, [c_int32, POINTER(c_char_p)]),
     ("kvp_backend_info_get", _status, [c_char_p, POINTER(kvp_backend_info)]),
+    ("kvp_backend_device_info_get", _status, [c_char_p, c_int32, POINTER(kvp_backend_device_info)]),
     ("kvp_context_create", _status, [POINTER(kvp_context_options), _out_handle]),
     ("kvp_context_destroy", None, [_handle]),
     ("kvp_context_set_stream", _status, [_handle, c_void_p]),
@@ -303,14 +414,55 @@ PROTOTYPES: List[Tuple[str, Any, Sequence[Any]]] = [
     ("kvp_plan_create", _status, [_handle, POINTER(kvp_plan_options), _out_handle]),
     ("kvp_plan_destroy", None, [_handle]),
     ("kvp_plan_update", _status, [_handle, POINTER(kvp_batch)]),
+    ("kvp_plan_attach", _status, [_handle, _handle]),
     ("kvp_attention_create", _status, [_handle, POINTER(kvp_attention_options), _out_handle]),
     ("kvp_attention_destroy", None, [_handle]),
     ("kvp_config_check", _status, [c_char_p, c_int32, c_void_p, c_size_t]),
     ("kvp_attention_write_kv", _status, [_handle, _handle, _handle, c_int32, _tensor, _tensor]),
     ("kvp_attention_run", _status, [_handle, _handle, _handle, c_int32, _tensor, _tensor, _tensor]),
+    ("kvp_attention_run_v2", _status, [_handle, _handle, _handle, c_int32, _tensor, POINTER(kvp_attention_outputs)]),
+    ("kvp_attention_merge_states", _status, [_handle, POINTER(kvp_merge_states_args)]),
+    ("kvp_attention_state_bytes", _status, [_handle, POINTER(c_int64)]),
+    # Since ABI 0.5 (declared before the 0.4 communicators: header order).
+    ("kvp_attention_cache_layout", _status, [_handle, c_int32, c_int32, c_int32, POINTER(kvp_cache_layout)]),
+    ("kvp_attention_ssm", _status, [_handle, _handle, _handle, c_int32, POINTER(kvp_ssm_args)]),
+    # Since ABI 0.4.
+    ("kvp_comm_nccl_unique_id", _status, [POINTER(c_uint8)]),
+    ("kvp_comm_create", _status, [_handle, POINTER(kvp_comm_options), _out_handle]),
+    ("kvp_comm_destroy", None, [_handle]),
+    ("kvp_comm_merge_attention", _status, [_handle, c_int32, _tensor, _tensor]),
+    ("kvp_comm_pending", _status, [_handle, POINTER(c_int32)]),
+    ("kvp_block_manager_allocate_star", _status,
+     [_handle, c_uint64, POINTER(c_int32), c_int64, c_uint64, POINTER(kvp_star_layout), POINTER(c_uint8),
+      POINTER(c_int64)]),
 ]
 
 ENTRY_POINTS: Tuple[str, ...] = tuple(name for name, _, _ in PROTOTYPES)
+
+#: Entry points a library of an older minor (or a build in progress) may lack, with the ABI version
+#: that added them. Loading does not require them; calling a missing one raises NotSupportedError
+#: (see :meth:`Api.has`). Every other entry point must be present.
+OPTIONAL_ENTRY_POINTS: Dict[str, str] = {
+    "kvp_comm_nccl_unique_id": "0.4",
+    "kvp_comm_create": "0.4",
+    "kvp_comm_destroy": "0.4",
+    "kvp_comm_merge_attention": "0.4",
+    "kvp_comm_pending": "0.4",
+    "kvp_block_manager_allocate_star": "0.4",
+    "kvp_attention_cache_layout": "0.5",
+    "kvp_attention_ssm": "0.5",
+}
+
+
+def _missing_entry_point(name: str, path: str) -> Any:
+    """A stand-in for an optional entry point that the library lacks: raises NotSupportedError."""
+
+    def missing(*args: Any) -> Any:
+        raise NotSupportedError(f"{path} has no entry point {name} (added in kvplug ABI "
+                                f"{OPTIONAL_ENTRY_POINTS[name]}): update libkvplug")
+
+    missing.__name__ = name
+    return missing
 
 
 class Api:
@@ -326,16 +478,28 @@ class Api:
     def __init__(self, cdll: ctypes.CDLL, path: str) -> None:
         self.cdll = cdll
         self.path = path
+        #: Optional entry points (OPTIONAL_ENTRY_POINTS) this library lacks.
+        self.missing: Tuple[str, ...] = ()
+        missing: List[str] = []
         for name, restype, argtypes in PROTOTYPES:
             try:
                 fn = getattr(cdll, name)
             except AttributeError as e:
+                if name in OPTIONAL_ENTRY_POINTS:
+                    missing.append(name)
+                    setattr(self, name, _missing_entry_point(name, path))
+                    continue
                 raise LibraryLoadError(f"{path} lacks the entry point {name}: not a kvplug library of ABI "
-                                       f"{ABI_VERSION_MAJOR}.{ABI_VERSION_MINOR} or newer") from e
+                                       f"{ABI_VERSION_MAJOR}.3 or newer") from e
             fn.restype = restype
             fn.argtypes = list(argtypes)
             setattr(self, name, fn)
+        self.missing = tuple(missing)
         self.version = int(self.kvp_abi_version())
+
+    def has(self, name: str) -> bool:
+        """Whether the library exports entry point ``name`` (False for optional ones it lacks)."""
+        return name in ENTRY_POINTS and name not in self.missing
 
     def __getattr__(self, name: str) -> Any:  # only reached for names not set above
         raise AttributeError(f"kvplug has no entry point {name!r}")

@@ -1,4 +1,4 @@
-"""The handle classes of kvplug: Context, BlockManager, KvCache, Plan, Attention.
+"""The handle classes of kvplug: Context, BlockManager, KvCache, Plan, Attention, Communicator.
 
 Lifetime rules (why they are what they are):
 
@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import json
 import math
+import threading
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
@@ -102,6 +103,38 @@ class BackendInfo:
     needs_state_slots: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class BackendDeviceInfo:
+    """kvp_backend_device_info: what a backend offers on one device type in this build."""
+
+    name: str
+    device_type: int
+    available: bool
+    dtype_mask: int
+    dtypes: Tuple[str, ...]
+    head_sizes: Tuple[int, ...]
+    supports_lse: bool
+    supports_entropy: bool
+    needs_state_slots: bool
+    experimental: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """kvp_cache_layout (ABI 0.5): where a sequence's K/V rows live in its page list for one step
+    (:meth:`Attention.cache_layout`). Token-stream backends: ``seq_len`` = num_tokens and nothing
+    compressed. attamba: ``[compressed_pages][window_pages from token page window_first_page]``;
+    pass ``seq_len`` as the batch's seq_lens entry."""
+
+    seq_len: int
+    num_pages: int
+    compressed_rows: int
+    compressed_pages: int
+    stable_rows: int
+    window_first_page: int
+    window_pages: int
+
+
 # ------------------------------------------------------------------------------------------------
 # Argument conversion. Raw pointers cross the ABI with counts the binding computes itself from the
 # arrays, so C can never be told to read past the end of a Python buffer.
@@ -180,6 +213,15 @@ def _dtype_code(dtype: DTypeLike, name: str = "dtype") -> int:
     if as_np is not None and as_np.name in DTYPES:
         return DTYPES[as_np.name]
     raise InvalidArgumentError(f"{name}={dtype!r} is not one of {sorted(DTYPES)}")
+
+
+def _device_code(device: Union[str, int]) -> int:
+    """A DLDeviceType from "cpu"/"cuda" or the enum value (the library checks the value)."""
+    if isinstance(device, str):
+        if device not in DEVICES:
+            raise InvalidArgumentError(f"device={device!r} is not one of {sorted(DEVICES)}")
+        return DEVICES[device]
+    return _int(device, "device")
 
 
 def _layout_code(layout: Union[str, int]) -> int:
@@ -331,6 +373,26 @@ def backend_info(name: str) -> BackendInfo:
     )
 
 
+def backend_device_info(name: str, device: Union[str, int] = "cpu") -> BackendDeviceInfo:
+    """kvp_backend_device_info_get(): what backend ``name`` offers on ``device`` ("cpu", "cuda" or a
+    DLDeviceType). A device this build lacks is reported with ``available=False``, not an error.
+    NotFoundError for an unknown name."""
+    info = _lib.kvp_backend_device_info()
+    check(api().kvp_backend_device_info_get(name.encode("utf-8"), _device_code(device), ctypes.byref(info)))
+    return BackendDeviceInfo(
+        name=name,
+        device_type=int(info.device_type),
+        available=bool(info.available),
+        dtype_mask=int(info.dtype_mask),
+        dtypes=tuple(n for n, v in DTYPES.items() if info.dtype_mask & (1 << v)),
+        head_sizes=tuple(int(info.head_sizes[i]) for i in range(info.num_head_sizes)),
+        supports_lse=bool(info.supports_lse),
+        supports_entropy=bool(info.supports_entropy),
+        needs_state_slots=bool(info.needs_state_slots),
+        experimental=bool(info.experimental),
+    )
+
+
 def check_config(backend: str, config: Config) -> None:
     """kvp_config_check(): raise InvalidConfigError (NotFoundError for an unknown backend) unless
     ``config`` is valid for ``backend``. A dict or str is JSON; bytes are a FlatBuffers binary."""
@@ -354,12 +416,7 @@ class Context(_Handle):
 
     def __init__(self, device: Union[str, int] = "cpu", device_id: int = 0, num_threads: int = 0,
                  stream: Optional[int] = None) -> None:
-        if isinstance(device, str):
-            if device not in DEVICES:
-                raise InvalidArgumentError(f"device={device!r} is not one of {sorted(DEVICES)}")
-            device_type = DEVICES[device]
-        else:
-            device_type = _int(device, "device")
+        device_type = _device_code(device)
         opts = _lib.kvp_context_options(device_type=device_type, device_id=_int(device_id, "device_id"),
                                         num_threads=_int(num_threads, "num_threads"),
                                         stream=_int(stream, "stream", _U64) if stream else None)
@@ -444,6 +501,32 @@ class BlockManager(_Handle):
         check(api().kvp_block_manager_allocate(self._ptr(), _seq_id(seq_id), _ptr(ids, ctypes.c_int32), n,
                                                _int(extra_key, "extra_key", _U64), ctypes.byref(cached)))
         return int(cached.value)
+
+    def allocate_star(self, seq_id: int, token_ids: Optional[ArrayLike], *, context_len: int,
+                      context_block_size: int, anchor_size: int, extra_key: int = 0,
+                      num_tokens: Optional[int] = None) -> Tuple[NDArray[np.uint8], int]:
+        """kvp_block_manager_allocate_star() (ABI 0.4): :meth:`allocate` with Star Attention keys for
+        the context, so that a context block whose own tokens (at the same positions) and anchor are
+        unchanged is reused even when blocks before it differ.
+
+        Tokens ``[0, context_len)`` are context, cut into Star blocks of ``context_block_size`` (a
+        multiple of ``block_size``); the anchor is the first ``anchor_size`` tokens (in
+        [1, context_block_size]). Returns ``(cached_blocks, num_cached_tokens)``: ``cached_blocks``
+        a uint8 array with one entry per block of the sequence (ceil(len / block_size)), 1 where its
+        K/V is already cached (hits need not be leading: recompute the Star blocks with a 0, in
+        increasing order, then :meth:`mark_computed` as usual), and the tokens in those blocks. The
+        last token is never served from the cache. ``token_ids`` may be None (give ``num_tokens``)
+        only without prefix caching. NotSupportedError if the library predates 0.4."""
+        ids, n = self._tokens(token_ids, num_tokens)
+        layout = _lib.kvp_star_layout(context_len=_int(context_len, "context_len", _I64),
+                                      context_block_size=_int(context_block_size, "context_block_size"),
+                                      anchor_size=_int(anchor_size, "anchor_size"))
+        cached_blocks = np.zeros(-(-n // self.block_size) if self.block_size > 0 else 0, np.uint8)
+        cached = ctypes.c_int64()
+        check(api().kvp_block_manager_allocate_star(self._ptr(), _seq_id(seq_id), _ptr(ids, ctypes.c_int32), n,
+                                                    _int(extra_key, "extra_key", _U64), ctypes.byref(layout),
+                                                    _ptr(cached_blocks, ctypes.c_uint8), ctypes.byref(cached)))
+        return cached_blocks, int(cached.value)
 
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
         """Could ``num_tokens`` more tokens be appended to ``seq_id`` now?"""
@@ -744,16 +827,30 @@ class Plan(_Handle):
         self.num_seqs: int = 0
         self.num_tokens: int = 0
 
+    def attach(self, attention: "Attention") -> None:
+        """kvp_plan_attach(): allocate (once) the plan-side buffers ``attention``'s step planner needs
+        and plan for it at every :meth:`update`, so its runs never allocate (attach before capturing
+        runs in a CUDA graph). Both must share a context. The plan keeps what it needs itself, so
+        ``attention`` may be closed afterwards."""
+        if not isinstance(attention, Attention):
+            raise TypeError(f"attention: expected a kvplug.Attention, got {type(attention).__name__}")
+        check(api().kvp_plan_attach(self._ptr(), attention._ptr()))
+
     def update(self, query_start_loc: ArrayLike, seq_lens: ArrayLike, *, block_size: int,
                block_table: Optional[ArrayLike] = None, kv_indptr: Optional[ArrayLike] = None,
                kv_indices: Optional[ArrayLike] = None, slot_mapping: Optional[ArrayLike] = None,
-               state_slots: Optional[ArrayLike] = None) -> None:
+               state_slots: Optional[ArrayLike] = None, context_lens: Optional[ArrayLike] = None,
+               query_pos_starts: Optional[ArrayLike] = None) -> None:
         """kvp_plan_update() from NumPy int arrays (converted to contiguous int32/int64).
 
         ``query_start_loc`` [num_seqs + 1] from 0; ``seq_lens`` [num_seqs] (K/V length including this
         step's tokens); the block table either dense (``block_table`` [num_seqs, stride], vLLM) or CSR
         (``kv_indptr`` [num_seqs + 1] and ``kv_indices``, FlashInfer); optional ``slot_mapping``
         [num_tokens] int64 (for :meth:`Attention.write_kv`) and ``state_slots`` [num_seqs].
+        Since ABI 0.4, optional ``context_lens`` [num_seqs] (positions below it are the sequence's
+        context: Star Attention's phase 1; other backends ignore it) and ``query_pos_starts``
+        [num_seqs] (the global position of each sequence's first token of this step; default
+        ``seq_lens - q_len``; needed by Star shards that hold only part of the keys).
         The array lengths are checked here, since C only gets pointers. On failure the plan is empty
         (whichever side found the problem: a stale plan must never serve the next step).
         """
@@ -761,7 +858,7 @@ class Plan(_Handle):
         ptr = self._ptr()
         try:
             batch, keep = self._batch(query_start_loc, seq_lens, block_size, block_table, kv_indptr, kv_indices,
-                                      slot_mapping, state_slots)
+                                      slot_mapping, state_slots, context_lens, query_pos_starts)
         except BaseException:
             api().kvp_plan_update(ptr, None)  # a NULL batch fails and empties the plan, as kvplug.h says
             raise
@@ -772,7 +869,8 @@ class Plan(_Handle):
     @staticmethod
     def _batch(query_start_loc: ArrayLike, seq_lens: ArrayLike, block_size: int, block_table: Optional[ArrayLike],
                kv_indptr: Optional[ArrayLike], kv_indices: Optional[ArrayLike], slot_mapping: Optional[ArrayLike],
-               state_slots: Optional[ArrayLike]) -> Tuple[_lib.kvp_batch, List[Any]]:
+               state_slots: Optional[ArrayLike], context_lens: Optional[ArrayLike] = None,
+               query_pos_starts: Optional[ArrayLike] = None) -> Tuple[_lib.kvp_batch, List[Any]]:
         """The kvp_batch of :meth:`update` and the arrays it points into, all lengths checked."""
         qsl = _int_array(query_start_loc, np.int32, "query_start_loc", 1)
         lens = _int_array(seq_lens, np.int32, "seq_lens", 1)
@@ -814,7 +912,21 @@ class Plan(_Handle):
             if states.shape[0] != n:
                 raise InvalidArgumentError(f"state_slots has {states.shape[0]} entries for {n} sequences")
             batch.state_slots = _ptr(states, ctypes.c_int32)
-        return batch, [qsl, lens, table, indptr, indices, slots, states]
+        ctx_lens = pos_starts = None
+        if context_lens is not None:
+            ctx_lens = _int_array(context_lens, np.int32, "context_lens", 1)
+            if ctx_lens.shape[0] != n:
+                raise InvalidArgumentError(f"context_lens has {ctx_lens.shape[0]} entries for {n} sequences")
+            batch.context_lens = _ptr(ctx_lens, ctypes.c_int32)
+        if query_pos_starts is not None:
+            pos_starts = _int_array(query_pos_starts, np.int32, "query_pos_starts", 1)
+            if pos_starts.shape[0] != n:
+                raise InvalidArgumentError(f"query_pos_starts has {pos_starts.shape[0]} entries for {n} sequences")
+            batch.query_pos_starts = _ptr(pos_starts, ctypes.c_int32)
+        if ctx_lens is None and pos_starts is None:
+            # Without the 0.4 fields the batch is a 0.3 one: libraries of ABI 0.3 accept it too.
+            batch.struct_size = _lib.KVP_BATCH_SIZE_0_3
+        return batch, [qsl, lens, table, indptr, indices, slots, states, ctx_lens, pos_starts]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -860,16 +972,310 @@ class Attention(_Handle):
         v = _dlpack.borrow(value, "value", stream)
         check(api().kvp_attention_write_kv(ptr, p, c, _int(layer, "layer"), _dlpack.pointer(k), _dlpack.pointer(v)))
 
-    def run(self, plan: Plan, cache: KvCache, layer: int, query: Any, out: Any, lse: Any = None) -> Any:
+    @property
+    def state_bytes(self) -> int:
+        """kvp_attention_state_bytes(): bytes of per-sequence state per layer this backend keeps in a
+        cache's state slots (0 for stateless backends such as dense); create caches with
+        ``state_bytes_per_layer`` at least this."""
+        out = ctypes.c_int64()
+        check(api().kvp_attention_state_bytes(self._ptr(), ctypes.byref(out)))
+        return int(out.value)
+
+    def cache_layout(self, block_size: int, num_tokens: int, query_pos_start: int = 0) -> CacheLayout:
+        """kvp_attention_cache_layout() (ABI 0.5): the page-list layout of a sequence of ``num_tokens``
+        tokens (after the step) for a step starting at position ``query_pos_start``."""
+        out = _lib.kvp_cache_layout()
+        check(api().kvp_attention_cache_layout(self._ptr(), _int(block_size, "block_size"),
+                                               _int(num_tokens, "num_tokens"),
+                                               _int(query_pos_start, "query_pos_start"), ctypes.byref(out)))
+        return CacheLayout(**{name: int(getattr(out, name)) for name, _ in _lib.kvp_cache_layout._fields_[1:]})
+
+    def ssm(self, plan: Plan, cache: KvCache, layer: int, x: Any, out: Any, *, conv_weight: Any, a_log: Any,
+            which: int = 0, conv_bias: Any = None, dt_bias: Any = None, d_skip: Any = None,
+            norm_weight: Any = None) -> Any:
+        """kvp_attention_ssm() (ABI 0.5): the backend's sequence-state operator over the plan's tokens
+        (attamba: the chunk-local Mamba-2 block of the key SSM, ``which=0``, or the value SSM, 1),
+        with its state in ``cache``'s state slots (the plan needs ``state_slots`` and
+        ``query_pos_starts``). ``x`` is the C argument ``in``: in_proj's output [T, 2 d_inner + 2 G N
+        + heads]; ``conv_weight`` [conv_dim, conv_width]; ``a_log`` and the optional ``dt_bias``,
+        ``d_skip`` [heads]; optional ``conv_bias`` [conv_dim], ``norm_weight`` [d_inner]; ``out``
+        [T, d_inner]. float32 on the cache's device. Writes ``out`` in place and returns it.
+        NotSupportedError for backends without an SSM."""
+        ptr, p, c = self._ptr(), plan._ptr(), cache._ptr()
+        stream = self.context.stream
+        # Borrowed views must stay referenced until the call returns (they own the DLTensors).
+        views = {name: _dlpack.borrow(t, name, stream) for name, t in (
+            ("in", x), ("conv_weight", conv_weight), ("conv_bias", conv_bias), ("dt_bias", dt_bias),
+            ("a_log", a_log), ("d_skip", d_skip), ("norm_weight", norm_weight))}
+        o = _dlpack.borrow(out, "out", stream, writable=True)
+        args = _lib.kvp_ssm_args(which=_int(which, "which"), out=_dlpack.pointer(o),
+                                 **{name: _dlpack.pointer(v) for name, v in views.items()})
+        check(api().kvp_attention_ssm(ptr, p, c, _int(layer, "layer"), ctypes.byref(args)))
+        del views, o
+        return out
+
+    def run(self, plan: Plan, cache: KvCache, layer: int, query: Any, out: Any, lse: Any = None,
+            entropy: Any = None, entropy_summary: Any = None) -> Any:
         """Causal attention of this step's queries over ``layer`` of ``cache`` (which must already hold
         this step's K/V). ``query``/``out``: [num_tokens, num_q_heads, head_size], same dtype;
-        ``lse`` (optional) [num_tokens, num_q_heads] float32 receives the natural log-sum-exp.
-        Writes ``out`` in place (zero copy) and returns it."""
+        ``lse`` (optional) [num_tokens, num_q_heads] float32 receives the natural log-sum-exp;
+        ``entropy`` (optional, same shape, float32; backends with ``supports_entropy``) the attention
+        entropy of each row in nats; ``entropy_summary`` (optional, ABI 0.4, [num_q_heads, 6] float32
+        contiguous, ``supports_entropy``) a per-head summary of this run's rows, computed on the run's
+        device (no synchronization): the columns of :data:`ENTROPY_SUMMARY_FIELDS`, i.e. rows that saw
+        a key, their mean entropy, informative rows (>= 2 keys), their mean H / log(keys), rows in the
+        collapse band (H <= E_max / 4) and in the overload band (H >= 3 E_max / 4). Writes the outputs
+        in place (zero copy) and returns ``out``."""
         ptr, p, c = self._ptr(), plan._ptr(), cache._ptr()
         stream = self.context.stream
         q = _dlpack.borrow(query, "query", stream)
         o = _dlpack.borrow(out, "out", stream, writable=True)
         l_ = _dlpack.borrow(lse, "lse", stream, writable=True)
-        check(api().kvp_attention_run(ptr, p, c, _int(layer, "layer"), _dlpack.pointer(q), _dlpack.pointer(o),
-                                      _dlpack.pointer(l_)))
+        layer = _int(layer, "layer")
+        if entropy is None and entropy_summary is None:  # kvp_attention_run: what every 0.x library has
+            check(api().kvp_attention_run(ptr, p, c, layer, _dlpack.pointer(q), _dlpack.pointer(o),
+                                          _dlpack.pointer(l_)))
+            return out
+        e = _dlpack.borrow(entropy, "entropy", stream, writable=True)
+        s = _dlpack.borrow(entropy_summary, "entropy_summary", stream, writable=True)
+        outputs = _lib.kvp_attention_outputs(out=_dlpack.pointer(o), lse=_dlpack.pointer(l_),
+                                             entropy=_dlpack.pointer(e), entropy_summary=_dlpack.pointer(s))
+        if entropy_summary is None:
+            # The 0.3-sized struct: libraries of ABI 0.3 accept it too (they refuse a larger struct_size).
+            outputs.struct_size = _lib.KVP_ATTENTION_OUTPUTS_SIZE_0_3
+        check(api().kvp_attention_run_v2(ptr, p, c, layer, _dlpack.pointer(q), ctypes.byref(outputs)))
         return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Merging partial attention states
+# ------------------------------------------------------------------------------------------------
+
+
+def merge_states(context: Context, partial_out: Any, partial_lse: Any, out: Any, lse: Any = None,
+                 partial_entropy: Any = None, entropy: Any = None) -> Any:
+    """kvp_attention_merge_states(): merge S partial attention states of the same queries over
+    disjoint key sets into one, exactly and stably (a partial with lse = -inf is empty).
+
+    ``partial_out`` [S, T, H, D] float32/float16/bfloat16, ``partial_lse`` [S, T, H] float32 (natural
+    log; FlashInfer's base-2 values times ln 2), ``out`` [T, H, D]; optional ``lse`` [T, H] float32,
+    and ``entropy`` [T, H] float32, which needs ``partial_entropy`` [S, T, H]. All on the context's
+    device; outputs must not overlap each other or the inputs. Writes in place and returns ``out``."""
+    if not isinstance(context, Context):
+        raise TypeError(f"context: expected a kvplug.Context, got {type(context).__name__}")
+    ptr, stream = context._ptr(), context.stream
+    po = _dlpack.borrow(partial_out, "partial_out", stream)
+    pl = _dlpack.borrow(partial_lse, "partial_lse", stream)
+    pe = _dlpack.borrow(partial_entropy, "partial_entropy", stream)
+    o = _dlpack.borrow(out, "out", stream, writable=True)
+    l_ = _dlpack.borrow(lse, "lse", stream, writable=True)
+    e = _dlpack.borrow(entropy, "entropy", stream, writable=True)
+    args = _lib.kvp_merge_states_args(partial_out=_dlpack.pointer(po), partial_lse=_dlpack.pointer(pl),
+                                      partial_entropy=_dlpack.pointer(pe), out=_dlpack.pointer(o),
+                                      lse=_dlpack.pointer(l_), entropy=_dlpack.pointer(e))
+    check(api().kvp_attention_merge_states(ptr, ctypes.byref(args)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Communicators (ABI 0.4)
+# ------------------------------------------------------------------------------------------------
+
+#: Communicator kinds by name, as kvp_comm_kind values.
+COMM_KINDS: Dict[str, int] = {"in_process": _lib.KVP_COMM_IN_PROCESS, "nccl": _lib.KVP_COMM_NCCL}
+
+
+def nccl_unique_id() -> bytes:
+    """kvp_comm_nccl_unique_id(): NCCL's unique id for a new communicator (128 bytes), made on the
+    rank that creates it; hand it to every rank (as bytes: pickle, a file, a socket) and pass it to
+    ``Communicator(..., kind="nccl", nccl_unique_id=...)``. NotSupportedError without NCCL."""
+    buf = (ctypes.c_uint8 * _lib.KVP_NCCL_UNIQUE_ID_BYTES)()
+    check(api().kvp_comm_nccl_unique_id(buf))
+    return bytes(buf)
+
+
+class Communicator(_Handle):
+    """A communicator (kvp_comm, ABI 0.4) that merges partial attention states held by several
+    shards, exactly (Star Attention's phase 2): each rank contributes ``(out [T, H, D], lse [T, H])``
+    over the keys it holds and every rank receives the merge over all of them, in place.
+
+    ``kind="in_process"``: one handle for all ``num_ranks`` ranks of this process (one context); each
+    rank calls :meth:`merge_attention` with its partial, in any order, from any thread; the call that
+    completes the round writes the result into every rank's tensors. The binding keeps the earlier
+    ranks' tensors alive until then (do not read them before the round completes).
+    ``kind="nccl"``: one handle per rank (``rank``, ``nccl_unique_id`` from :func:`nccl_unique_id`);
+    creation is collective, and so is every merge (all ranks with the same T; ``validate_each_call``
+    checks it at the price of a synchronization). Leave NVLink multicast off (NCCL_NVLS_ENABLE=0).
+
+    ``max_num_tokens``, ``num_heads`` (query heads) and ``head_size`` size the scratch once;
+    ``out_dtype`` is the partial outputs' dtype (float32, float16 or bfloat16).
+    """
+
+    def __init__(self, context: Context, *, num_ranks: int, max_num_tokens: int, num_heads: int, head_size: int,
+                 out_dtype: DTypeLike = "float32", kind: Union[str, int] = "in_process", rank: int = 0,
+                 nccl_unique_id: Optional[Union[bytes, bytearray, memoryview]] = None,
+                 validate_each_call: bool = False) -> None:
+        if not isinstance(context, Context):
+            raise TypeError(f"context: expected a kvplug.Context, got {type(context).__name__}")
+        if isinstance(kind, str):
+            if kind not in COMM_KINDS:
+                raise InvalidArgumentError(f"kind={kind!r} is not one of {sorted(COMM_KINDS)}")
+            kind_code = COMM_KINDS[kind]
+        else:
+            kind_code = _int(kind, "kind")
+        uid = None
+        if nccl_unique_id is not None:
+            raw = bytes(nccl_unique_id)
+            if len(raw) != _lib.KVP_NCCL_UNIQUE_ID_BYTES:
+                raise InvalidArgumentError(f"nccl_unique_id has {len(raw)} bytes; NCCL ids have "
+                                           f"{_lib.KVP_NCCL_UNIQUE_ID_BYTES}")
+            uid = (ctypes.c_uint8 * len(raw)).from_buffer_copy(raw)
+        opts = _lib.kvp_comm_options(
+            kind=kind_code, num_ranks=_int(num_ranks, "num_ranks"), rank=_int(rank, "rank"),
+            nccl_unique_id=ctypes.cast(uid, ctypes.POINTER(ctypes.c_uint8)) if uid is not None else None,
+            max_num_tokens=_int(max_num_tokens, "max_num_tokens"), num_heads=_int(num_heads, "num_heads"),
+            head_size=_int(head_size, "head_size"), out_dtype=_dtype_code(out_dtype, "out_dtype"),
+            validate_each_call=1 if validate_each_call else 0)
+        a = api()
+        self._native = _create(a.kvp_comm_create, a.kvp_comm_destroy, (context._keep(),), context._ptr(),
+                               ctypes.byref(opts))
+        del uid  # read during the call only
+        self.context: Context = context
+        self.kind: str = {v: k for k, v in COMM_KINDS.items()}.get(kind_code, str(kind_code))
+        self.num_ranks, self.rank = int(num_ranks), int(rank)
+        self.max_num_tokens, self.num_heads, self.head_size = int(max_num_tokens), int(num_heads), int(head_size)
+        self.out_dtype: str = _DTYPE_NAMES.get(opts.out_dtype, str(opts.out_dtype))
+        # The tensors of the in-process round in progress, alive until the round completes.
+        self._round: List[Any] = []
+        self._lock = threading.Lock()
+
+    def merge_attention(self, rank: int, out: Any, lse: Any) -> Any:
+        """kvp_comm_merge_attention(): contribute ``rank``'s partial (``out`` [T, H, D] contiguous, the
+        communicator's dtype; ``lse`` [T, H] float32, natural log, -inf for rows that saw no key) and
+        receive the merge over all ranks in place, when the round completes (in-process: at the last
+        rank's call; NCCL: in this call, on the context's stream). Returns ``out``.
+        FailedPreconditionError if ``rank`` already contributed to the round in progress."""
+        ptr = self._ptr()
+        stream = self.context.stream
+        o = _dlpack.borrow(out, "out", stream, writable=True)
+        l_ = _dlpack.borrow(lse, "lse", stream, writable=True)
+        a = api()
+        with self._lock:
+            check(a.kvp_comm_merge_attention(ptr, _int(rank, "rank"), _dlpack.pointer(o), _dlpack.pointer(l_)))
+            if self.kind == "in_process":
+                n = ctypes.c_int32()
+                check(a.kvp_comm_pending(ptr, ctypes.byref(n)))
+                if n.value == 0:
+                    self._round.clear()  # the round completed: every rank's tensors are written
+                else:
+                    self._round.append((o, l_, out, lse))
+        return out
+
+    @property
+    def pending(self) -> int:
+        """kvp_comm_pending(): the ranks that contributed to the in-process round in progress (0 when
+        none is open)."""
+        n = ctypes.c_int32()
+        check(api().kvp_comm_pending(self._ptr(), ctypes.byref(n)))
+        return int(n.value)
+
+    def close(self) -> None:
+        """Give up the handle. The tensors of an unfinished in-process round are released after it."""
+        native = self._native
+        super().close()
+        if native is not None and self._round:
+            # C may still point at them until the comm is destroyed: keep them as long as the handle.
+            native.deps = native.deps + (tuple(self._round),)
+            self._round = []
+
+
+def star_config(context_block_size: int, anchor_block_size: Optional[int] = None, *, num_shards: int = 1,
+                shard_rank: int = 0, append_shard: int = -1) -> Dict[str, Any]:
+    """The JSON config (a dict) of the ``"star"`` backend: Star Attention with context blocks of
+    ``context_block_size`` tokens and an anchor of ``anchor_block_size`` (default: one block);
+    context block k lives on shard k % num_shards; ``append_shard`` (-1: the last) stores the query
+    and generated K/V."""
+    anchor = context_block_size if anchor_block_size is None else anchor_block_size
+    return {"backend_config_type": "StarConfig",
+            "backend_config": {"context_block_size": int(context_block_size), "anchor_block_size": int(anchor),
+                               "num_shards": int(num_shards), "shard_rank": int(shard_rank),
+                               "append_shard": int(append_shard)}}
+
+
+#: The columns of an entropy summary ([num_q_heads, 6], ``Attention.run(entropy_summary=...)``).
+ENTROPY_SUMMARY_FIELDS: Tuple[str, ...] = _lib.ENTROPY_SUMMARY_FIELDS
+
+
+def entropy_config(temperature: Optional[ArrayLike] = None) -> Dict[str, Any]:
+    """The JSON config (a dict) of the ``"entropy"`` backend (entropy-guided attention, arXiv
+    2501.03489): logits q.k / (t[h, p] sqrt(d)) with ``temperature`` t a [num_q_heads, T] table
+    (per head and absolute query position; T = 1: per head only; positions >= T use the last
+    entry), given as a 2-D array or already flattened row-major. None or empty: t = 1 (dense with
+    telemetry). The library checks it (InvalidConfigError for a zero, negative or non-finite t;
+    InvalidArgumentError at creation for a length that is not a multiple of num_q_heads)."""
+    values: List[float] = []
+    if temperature is not None:
+        t = np.asarray(temperature, dtype=np.float64)
+        if t.ndim > 2:
+            raise InvalidArgumentError(f"temperature: expected a [num_q_heads, T] table or a flat list, got shape "
+                                       f"{t.shape}")
+        values = [float(x) for x in t.reshape(-1)]
+    return {"backend_config_type": "EntropyConfig", "backend_config": {"temperature": values}}
+
+
+#: RoPE styles of :func:`kv_shift_config` by name, as the schema's RopeStyle enum names.
+ROPE_STYLES: Dict[str, str] = {"neox": "NeoX", "gptj": "GPTJ"}
+
+
+def kv_shift_config(alpha_k: ArrayLike, alpha_v: ArrayLike, rope_theta: float = 0.0, rotary_dim: int = 0,
+                    rope_style: str = "neox") -> Dict[str, Any]:
+    """The JSON config (a dict) of the ``"kv_shift"`` backend (KV shifting attention, arXiv
+    2411.19574): per KV head h, K^_i = a1[h] K_i + a2[h] K_{i-1} and V^_i = b1[h] V_i + b2[h] V_{i-1}
+    (K_{-1} = V_{-1} = 0), fused into the paged write. ``alpha_k``/``alpha_v``: a [num_kv_heads, 2]
+    table of (current, previous) weights, or already flat ``[a1[0], a2[0], a1[1], ...]``.
+    ``rope_theta`` > 0 rotates the mixed keys in the write (``rotary_dim`` leading dims, 0 = the
+    head size; ``rope_style`` "neox" (rotate-half, Llama) or "gptj" (interleaved pairs)): hand
+    write_kv PRE-RoPE keys and rotate the queries yourself. The backend keeps state: caches need
+    state slots (``Attention.state_bytes`` per layer) and every batch ``state_slots``. The library
+    checks the values (InvalidConfigError: non-finite or odd-length tables, negative theta, odd
+    rotary_dim; InvalidArgumentError at creation: a length other than num_kv_heads * 2, a
+    rotary_dim beyond the head size)."""
+    tables = {}
+    for name, value in (("alpha_k", alpha_k), ("alpha_v", alpha_v)):
+        a = np.asarray(value, dtype=np.float64)
+        if a.ndim > 2 or (a.ndim == 2 and a.shape[1] != 2):
+            raise InvalidArgumentError(f"{name}: expected a [num_kv_heads, 2] table (current, previous) or a flat "
+                                       f"list, got shape {a.shape}")
+        tables[name] = [float(x) for x in a.reshape(-1)]
+    style = ROPE_STYLES.get(str(rope_style).lower()) if isinstance(rope_style, str) else None
+    if style is None:
+        raise InvalidArgumentError(f"rope_style={rope_style!r} is not one of {sorted(ROPE_STYLES)}")
+    return {"backend_config_type": "KvShiftConfig",
+            "backend_config": {"alpha_k": tables["alpha_k"], "alpha_v": tables["alpha_v"],
+                               "rope_theta": float(rope_theta), "rotary_dim": _int(rotary_dim, "rotary_dim"),
+                               "rope_style": style}}
+
+
+#: attamba chunk offsets of :func:`attamba_config` by name, as the schema's ChunkOffsets enum names.
+CHUNK_OFFSETS: Dict[str, str] = {"cyclic": "Cyclic", "uniform": "Uniform"}
+
+
+def attamba_config(chunk_size: int = 8, window: int = 0, *, state_size: int = 16, conv_width: int = 4,
+                   layer_index: int = 0, num_layers: int = 1, chunk_offsets: str = "cyclic", ssm_heads: int = 0,
+                   ssm_head_dim: int = 0, ssm_groups: int = 1, norm_eps: float = 1e-5) -> Dict[str, Any]:
+    """The JSON config (a dict) of the experimental ``"attamba"`` backend (ABI 0.5; Attamba, arXiv
+    2411.17685): a query at t sees the chunk ends before it (position 0 and j*P + P-1 - off, P =
+    ``chunk_size``, off set by ``layer_index``/``num_layers`` and ``chunk_offsets`` "cyclic" or
+    "uniform") and the last ``window`` tokens exactly. ``ssm_heads`` > 0 lets kvplug run the
+    SSMs (:meth:`Attention.ssm`) with ``ssm_head_dim``, ``ssm_groups``, ``state_size``,
+    ``conv_width`` and ``norm_eps``; their state lives in state slots (``Attention.state_bytes``).
+    The library checks the ranges (InvalidConfigError / InvalidArgumentError)."""
+    style = CHUNK_OFFSETS.get(str(chunk_offsets).lower()) if isinstance(chunk_offsets, str) else None
+    if style is None:
+        raise InvalidArgumentError(f"chunk_offsets={chunk_offsets!r} is not one of {sorted(CHUNK_OFFSETS)}")
+    ints = dict(chunk_size=chunk_size, window=window, state_size=state_size, conv_width=conv_width,
+                layer_index=layer_index, num_layers=num_layers, ssm_heads=ssm_heads, ssm_head_dim=ssm_head_dim,
+                ssm_groups=ssm_groups)
+    body: Dict[str, Any] = {k: _int(v, k) for k, v in ints.items()}
+    body.update(chunk_offsets=style, norm_eps=float(norm_eps))
+    return {"backend_config_type": "AttambaConfig", "backend_config": body}

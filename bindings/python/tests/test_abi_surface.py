@@ -44,8 +44,8 @@ def _structs() -> Dict[str, List[Tuple[str, str]]]:
     return out
 
 
-_HANDLES = {"kvp_context", "kvp_block_manager", "kvp_kv_cache", "kvp_plan", "kvp_attention"}
-_SCALARS = {"int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64, "uint32_t": ctypes.c_uint32,
+_HANDLES = {"kvp_context", "kvp_block_manager", "kvp_kv_cache", "kvp_plan", "kvp_attention", "kvp_comm"}
+_SCALARS = {"uint8_t": ctypes.c_uint8, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64, "uint32_t": ctypes.c_uint32,
             "uint64_t": ctypes.c_uint64, "size_t": ctypes.c_size_t, "double": ctypes.c_double,
             "float": ctypes.c_float, "kvp_status": ctypes.c_int, "kvp_alloc_verdict": ctypes.c_int}
 
@@ -82,6 +82,9 @@ def test_entry_point_types_match_the_header(name: str, ret: str, params: List[st
     assert restype is _ctype(ret), f"{name} returns {ret}"
     assert list(argtypes) == [_ctype(p) for p in params], f"{name}({', '.join(params)})"
     # And on the loaded library: a missing argtypes would make ctypes guess.
+    if not _lib.api().has(name):
+        assert name in _lib.OPTIONAL_ENTRY_POINTS
+        pytest.skip(f"{_lib.api().path} lacks {name} (added in ABI {_lib.OPTIONAL_ENTRY_POINTS[name]})")
     fn = getattr(_lib.api().cdll, name)
     assert fn.restype is restype and list(fn.argtypes) == list(argtypes)
 
@@ -136,9 +139,12 @@ def test_struct_layouts_match_the_c_compiler(tmp_path: pathlib.Path, c_compiler:
 def test_enum_values_match_the_header() -> None:
     for name in ["KVP_DTYPE_FLOAT32", "KVP_DTYPE_FLOAT16", "KVP_DTYPE_BFLOAT16", "KVP_DTYPE_FP8_E4M3",
                  "KVP_ALLOC_OK", "KVP_ALLOC_LATER", "KVP_ALLOC_NEVER", "KVP_LAYOUT_KV_FIRST",
-                 "KVP_LAYOUT_BLOCK_FIRST", "KVP_CONFIG_NONE", "KVP_CONFIG_BINARY", "KVP_CONFIG_JSON"]:
+                 "KVP_LAYOUT_BLOCK_FIRST", "KVP_CONFIG_NONE", "KVP_CONFIG_BINARY", "KVP_CONFIG_JSON",
+                 "KVP_COMM_IN_PROCESS", "KVP_COMM_NCCL"]:
         m = re.search(rf"\b{name}\s*=\s*(\d+)", HEADER_TEXT)
         assert m and int(m.group(1)) == getattr(_lib, name), name
+    m = re.search(r"#define KVP_NCCL_UNIQUE_ID_BYTES (\d+)", HEADER_TEXT)
+    assert m and int(m.group(1)) == _lib.KVP_NCCL_UNIQUE_ID_BYTES
     from kvplug import errors
 
     for code, name in errors.STATUS_NAMES.items():
@@ -146,3 +152,51 @@ def test_enum_values_match_the_header() -> None:
         assert m and int(m.group(1)) == code, name
     major = re.search(r"#define KVP_ABI_VERSION_MAJOR (\d+)", HEADER_TEXT)
     assert major and int(major.group(1)) == kvplug.ABI_VERSION_MAJOR
+    minor = re.search(r"#define KVP_ABI_VERSION_MINOR (\d+)", HEADER_TEXT)
+    assert minor and int(minor.group(1)) == kvplug.ABI_VERSION_MINOR, "the binding mirrors an older header"
+
+
+def test_abi_0_4_additions_are_mirrored() -> None:
+    """The 0.4 fields and entry points by name (the generic checks above cover them; this one says
+    what broke if the header's 0.4 section changes), and the 0.3-sized batch the binding sends
+    when the 0.4 fields are unused."""
+    structs = _structs()
+    assert [n for _, n in structs["kvp_batch"]][-2:] == ["context_lens", "query_pos_starts"]
+    assert "kvp_comm_options" in structs and "kvp_star_layout" in structs
+    for name in ("kvp_comm_nccl_unique_id", "kvp_comm_create", "kvp_comm_destroy", "kvp_comm_merge_attention",
+                 "kvp_comm_pending", "kvp_block_manager_allocate_star"):
+        assert name in _lib.ENTRY_POINTS and name in _lib.OPTIONAL_ENTRY_POINTS
+    # Only 0.4 and 0.5 additions may be optional: everything older must be in every library this loads.
+    assert set(_lib.OPTIONAL_ENTRY_POINTS.values()) == {"0.4", "0.5"}
+    assert _lib.KVP_BATCH_SIZE_0_3 == _lib.kvp_batch.context_lens.offset
+    assert _lib.KVP_BATCH_SIZE_0_3 == _lib.kvp_batch.state_slots.offset + ctypes.sizeof(ctypes.c_void_p)
+    # kvp_attention_outputs gained entropy_summary, last; without it the 0.3-sized struct is sent.
+    assert [n for _, n in structs["kvp_attention_outputs"]] == ["struct_size", "out", "lse", "entropy",
+                                                               "entropy_summary"]
+    assert [t for t, _ in structs["kvp_attention_outputs"]][-1] == "DLTensor*"
+    assert _lib.KVP_ATTENTION_OUTPUTS_SIZE_0_3 == _lib.kvp_attention_outputs.entropy_summary.offset
+    assert _lib.KVP_ATTENTION_OUTPUTS_SIZE_0_3 == (_lib.kvp_attention_outputs.entropy.offset
+                                                   + ctypes.sizeof(ctypes.c_void_p))
+    assert _lib.ctypes.sizeof(_lib.kvp_attention_outputs) == (_lib.KVP_ATTENTION_OUTPUTS_SIZE_0_3
+                                                              + ctypes.sizeof(ctypes.c_void_p))
+    # The summary's columns, in telemetry.h's order (the header's comment lists them the same way).
+    assert _lib.ENTROPY_SUMMARY_FIELDS == kvplug.ENTROPY_SUMMARY_FIELDS == (
+        "rows", "mean_entropy", "informative_rows", "mean_normalized_entropy", "collapse_rows", "overload_rows")
+    assert re.search(r"entropy_summary;.*\[num_q_heads, 6\]", HEADER.read_text().replace("\n", " "))
+
+
+def test_abi_0_5_additions_are_mirrored() -> None:
+    """The 0.5 structs and entry points by name, in the header's order, and optional (a 0.4 library
+    still loads)."""
+    structs = _structs()
+    assert [n for _, n in structs["kvp_cache_layout"]] == [
+        "struct_size", "seq_len", "num_pages", "compressed_rows", "compressed_pages", "stable_rows",
+        "window_first_page", "window_pages"]
+    assert [n for _, n in structs["kvp_ssm_args"]] == [
+        "struct_size", "which", "in", "conv_weight", "conv_bias", "dt_bias", "a_log", "d_skip", "norm_weight", "out"]
+    names = list(_lib.ENTRY_POINTS)
+    i = names.index("kvp_attention_state_bytes")
+    assert names[i + 1:i + 3] == ["kvp_attention_cache_layout", "kvp_attention_ssm"]
+    assert {n for n, v in _lib.OPTIONAL_ENTRY_POINTS.items() if v == "0.5"} == {"kvp_attention_cache_layout",
+                                                                                 "kvp_attention_ssm"}
+    assert kvplug.ABI_VERSION_MINOR == 5

@@ -15,5 +15,6 @@ def test_every_entry_point_was_called() -> None:
     if SELECTED_FILES != ALL_TEST_FILES or DESELECTED:
         pytest.skip("only meaningful when the whole suite runs (some test files or tests were not selected)")
     gc.collect()  # handles the tests dropped are destroyed now: the destroy functions count too
-    missing = [name for name in _lib.ENTRY_POINTS if not CALLED.get(name)]
+    # Optional (0.4) entry points the library under test lacks are stand-ins: their tests skip.
+    missing = [name for name in _lib.ENTRY_POINTS if not CALLED.get(name) and _lib.api().has(name)]
     assert not missing, f"entry points no test called: {missing}"

@@ -54,3 +54,25 @@ def test_bad_arguments(tmp_path: pathlib.Path) -> None:
     assert r.returncode == 2 and "LO <= HI" in r.stderr
     r = _run(["--num-blocks", "2", "--num-requests", "2"], tmp_path)  # 2 blocks of 16: prompts cannot fit
     assert r.returncode == 2 and "blocks" in r.stderr
+
+
+def test_star_layers_flag(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "model.json").write_text(json.dumps(tiny_model(num_hidden_layers=2, max_position_embeddings=1024)))
+    common = ["--model-config", "model.json", "--num-requests", "12", "--prompt-len", "40:80", "--output-len", "2:6",
+              "--system-prompt-len", "48", "--block-size", "8", "--num-blocks", "128", "--device", "cpu",
+              "--star-block", "16", "--star-anchor", "8", "--query-len", "4", "--json", "m.json"]
+    r = _run(common + ["--star-layers", "all"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "0:star" in r.stdout and "1:star" in r.stdout and "Star (allocate_star)" in r.stdout
+    assert "star attention" in r.stdout
+    star = json.loads((tmp_path / "m.json").read_text())["metrics"]["star"]
+    assert star["layers"] == 2 and star["prefix_keys"] == "star"
+    assert star["context_blocks_encoded"] > 0 and star["anchor_reuse_blocks"] > 0
+    assert star["prefix_hit_blocks"] > 0  # the shared system prompt's Star blocks
+    r = _run(common + ["--star-layers", "1"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "0:dense" in r.stdout and "1:star" in r.stdout and "chained, keyed by context length" in r.stdout
+    r = _run(common + ["--star-layers", "7"], tmp_path)
+    assert r.returncode == 2 and "outside [0, 2)" in r.stderr
+    r = _run(common + ["--star-layers", "all", "--star-anchor", "32"], tmp_path)  # anchor > block
+    assert r.returncode == 2 and "anchor_block_size=32" in r.stderr and "Traceback" not in r.stderr

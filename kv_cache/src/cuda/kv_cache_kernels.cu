@@ -32,25 +32,25 @@ __global__ void KvWriteKernel(const KvWriteParams p) {
   const int64_t slot = p.slot_mapping[token];
   if (slot < 0 || slot >= p.num_slots) return;  // device-side slots cannot be checked on the host
   const int64_t block = slot / p.block_size, pos = slot % p.block_size;
-  const int64_t dst_row = block * p.kv_stride_block + pos * p.kv_stride_pos;
+  const int64_t dst_row = block * p.pages.stride_block + pos * p.pages.stride_pos;
   if (p.vectorized) {
     const int chunks = p.head_size / 8;
     for (int i = threadIdx.x; i < p.num_kv_heads * chunks; i += blockDim.x) {
       const int h = i / chunks, c = i % chunks;
       const int4* ks = reinterpret_cast<const int4*>(static_cast<const uint16_t*>(p.key) + token * p.k_stride_token + h * p.k_stride_head) + c;
       const int4* vs = reinterpret_cast<const int4*>(static_cast<const uint16_t*>(p.value) + token * p.v_stride_token + h * p.v_stride_head) + c;
-      const int64_t dst = dst_row + h * p.kv_stride_head + c * 8;
-      *reinterpret_cast<int4*>(static_cast<uint16_t*>(p.k_pages) + dst) = *ks;
-      *reinterpret_cast<int4*>(static_cast<uint16_t*>(p.v_pages) + dst) = *vs;
+      const int64_t dst = dst_row + h * p.pages.stride_head + c * 8;
+      *reinterpret_cast<int4*>(static_cast<uint16_t*>(p.pages.k) + dst) = *ks;
+      *reinterpret_cast<int4*>(static_cast<uint16_t*>(p.pages.v) + dst) = *vs;
     }
     return;
   }
   for (int i = threadIdx.x; i < p.num_kv_heads * p.head_size; i += blockDim.x) {
     const int h = i / p.head_size, d = i % p.head_size;
-    const int64_t dst = dst_row + h * p.kv_stride_head + d;
+    const int64_t dst = dst_row + h * p.pages.stride_head + d;
     const float ks = p.page_dtype == 3 ? p.k_inv_scale : 1.0f, vs = p.page_dtype == 3 ? p.v_inv_scale : 1.0f;
-    Store(p.k_pages, p.page_dtype, dst, ks * Load(p.key, p.input_dtype, token * p.k_stride_token + h * p.k_stride_head + d));
-    Store(p.v_pages, p.page_dtype, dst, vs * Load(p.value, p.input_dtype, token * p.v_stride_token + h * p.v_stride_head + d));
+    Store(p.pages.k, p.page_dtype, dst, ks * Load(p.key, p.input_dtype, token * p.k_stride_token + h * p.k_stride_head + d));
+    Store(p.pages.v, p.page_dtype, dst, vs * Load(p.value, p.input_dtype, token * p.v_stride_token + h * p.v_stride_head + d));
   }
 }
 

@@ -24,10 +24,18 @@ func NewParams(numQHeads, numKVHeads, headSize int, scale float64) Params {
 // k, v: [seqLen][NumKVHeads][HeadSize]; q: [qLen][NumQHeads][HeadSize].
 // Returns out [qLen][NumQHeads][HeadSize] and lse [qLen][NumQHeads] (natural log).
 func Attention(p Params, seqLen, qLen int, q, k, v []float64) (out, lse []float64) {
+	out, lse, _ = States(p, seqLen, qLen, q, k, v)
+	return out, lse
+}
+
+// States is Attention plus each row's attention entropy [qLen][NumQHeads] in nats,
+// H = -sum_j a_j log a_j over the softmax weights a_j.
+func States(p Params, seqLen, qLen int, q, k, v []float64) (out, lse, entropy []float64) {
 	d := p.HeadSize
 	group := p.NumQHeads / p.NumKVHeads
 	out = make([]float64, qLen*p.NumQHeads*d)
 	lse = make([]float64, qLen*p.NumQHeads)
+	entropy = make([]float64, qLen*p.NumQHeads)
 	logits := make([]float64, 0, seqLen)
 	for i := 0; i < qLen; i++ {
 		pos := seqLen - qLen + i
@@ -58,15 +66,20 @@ func Attention(p Params, seqLen, qLen int, q, k, v []float64) (out, lse []float6
 				sum += math.Exp(s - m)
 			}
 			orow := out[(i*p.NumQHeads+h)*d : (i*p.NumQHeads+h+1)*d]
+			ent := 0.0
 			for j := lo; j <= pos; j++ {
 				w := math.Exp(logits[j-lo]-m) / sum
+				if w > 0 { // 0 log 0 = 0
+					ent -= w * math.Log(w)
+				}
 				vrow := v[(j*p.NumKVHeads+g)*d : (j*p.NumKVHeads+g+1)*d]
 				for x := range orow {
 					orow[x] += w * vrow[x]
 				}
 			}
 			lse[i*p.NumQHeads+h] = m + math.Log(sum)
+			entropy[i*p.NumQHeads+h] = ent
 		}
 	}
-	return out, lse
+	return out, lse, entropy
 }

@@ -43,3 +43,21 @@ func TestAttentionHandCases(t *testing.T) {
 		t.Fatalf("soft cap: lse %v, want %v", lse[0], want)
 	}
 }
+
+// Entropy: a single key has none, n equal logits give ln n, and a skewed pair gives the closed form.
+func TestEntropyHandCases(t *testing.T) {
+	p := NewParams(1, 1, 2, 0.5)
+	if _, _, h := States(p, 1, 1, []float64{1, 2}, []float64{3, 4}, []float64{5, 6}); h[0] != 0 {
+		t.Fatalf("one key: entropy %v, want 0", h[0])
+	}
+	k := []float64{1, 7, 1, -7, 1, 3} // equal logits for q = (1, 0)
+	if _, _, h := States(p, 3, 1, []float64{1, 0}, k, make([]float64, 6)); math.Abs(h[0]-math.Log(3)) > 1e-15 {
+		t.Fatalf("three equal keys: entropy %v, want ln 3", h[0])
+	}
+	// Logits 0 and ln 3 (scale 1): weights 1/4 and 3/4.
+	c := NewParams(1, 1, 1, 1)
+	_, _, h := States(c, 2, 1, []float64{1}, []float64{0, math.Log(3)}, []float64{0, 0})
+	if want := -(0.25*math.Log(0.25) + 0.75*math.Log(0.75)); math.Abs(h[0]-want) > 1e-15 {
+		t.Fatalf("skewed pair: entropy %v, want %v", h[0], want)
+	}
+}

@@ -34,9 +34,23 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: seeded sampling")
     w.add_argument("--stop-token", type=int, action="append", default=[], help="a stop token id (repeatable)")
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--query-len", type=int, default=0,
+                   help="trailing prompt tokens of each request that are its query; the rest is context "
+                        "(Star phase 1). 0: the whole prompt is context")
     m = p.add_argument_group("model")
     m.add_argument("--model-config", help="JSON model config (architecture, weights, per-layer backends); "
                                           "default: a 4-layer random Llama")
+    m.add_argument("--star-layers", metavar="LAYERS",
+                   help="run Star Attention on these layers: 'all' or indices like 0,2-3 (overrides the "
+                        "model config there); with all layers and prefix caching, Star prefix keys")
+    m.add_argument("--star-block", type=int, default=64, help="Star context block size (tokens)")
+    m.add_argument("--star-anchor", type=int, default=None, help="Star anchor size (tokens; default: one block)")
+    m.add_argument("--entropy-layers", metavar="LAYERS",
+                   help="run entropy-guided attention (the 'entropy' backend) on these layers: 'all' or indices "
+                        "like 0,2-3 (overrides the model config there), with --entropy-temperature")
+    m.add_argument("--entropy-temperature", default="1",
+                   help="temperature of those layers: one value, or one per attention head (comma-separated); "
+                        "per-position tables go in the model config")
     m.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA when torch sees a GPU and libkvplug was built with CUDA, else CPU")
     e = p.add_argument_group("engine")
@@ -51,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=0, help="kvplug CPU threads (0: all cores)")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    o.add_argument("--entropy", action="store_true",
+                   help="attention-entropy telemetry: every layer whose backend supports it (dense, star, entropy) "
+                        "reports a per-head summary each step, accumulated on the device; prints a per-layer, "
+                        "per-head table at the end")
+    o.add_argument("--entropy-png", metavar="PATH",
+                   help="with the telemetry (implies --entropy): write a layer x head heat map of the mean "
+                        "normalised entropy, collapse and overload bands marked (needs matplotlib)")
     o.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress line on stderr (auto: on for runs over 32 requests)")
     return p
@@ -80,8 +101,10 @@ def _pick_device(requested: str) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    from .config import EngineConfig, EngineConfigError, ModelConfig
+    from .config import (EngineConfig, EngineConfigError, ModelConfig, entropy_spec, parse_layer_list,
+                         parse_temperatures, star_spec)
     from .engine import LLMEngine
+    from .telemetry import MatplotlibMissing, check_matplotlib, format_table, write_heatmap
     from .workload import Progress, format_report, make_workload, parse_range, run_workload
 
     import kvplug
@@ -96,20 +119,34 @@ def main(argv: Optional[List[str]] = None) -> int:
                           max_num_batched_tokens=args.max_batched_tokens,
                           enable_prefix_caching=not args.no_prefix_caching, watermark=args.watermark,
                           preemption_mode=args.preemption_mode, kv_cache_dtype="bfloat16" if on_gpu else "float32",
-                          device=device, num_threads=args.threads, seed=args.seed)
+                          device=device, num_threads=args.threads, seed=args.seed,
+                          entropy_telemetry=bool(args.entropy or args.entropy_png))
         ec.check()
+        if args.entropy_png:
+            check_matplotlib()  # before serving: a missing matplotlib is not found out after the run
         if args.model_config:
             mc = ModelConfig.from_json(args.model_config, kv_cache_dtype=ec.kv_cache_dtype, device=device)
         else:
             mc = ModelConfig.from_dict(DEFAULT_MODEL, kv_cache_dtype=ec.kv_cache_dtype, device=device)
+        if args.query_len < 0:
+            raise EngineConfigError(f"--query-len={args.query_len} must be >= 0")
+        if args.star_layers:
+            layers = parse_layer_list(args.star_layers, mc.num_hidden_layers)
+            mc = mc.with_layers(layers, star_spec(args.star_block, args.star_anchor))
+        if args.entropy_layers:
+            layers = parse_layer_list(args.entropy_layers, mc.num_hidden_layers, "--entropy-layers")
+            temps = parse_temperatures(args.entropy_temperature, mc.num_attention_heads)
+            mc = mc.with_layers(layers, entropy_spec([[t] for t in temps]))
         engine = LLMEngine(mc, ec, dtype="bfloat16" if on_gpu else "float32")
-    except (EngineConfigError, kvplug.KvplugError, ValueError, OSError) as e:
+    except (EngineConfigError, kvplug.KvplugError, ValueError, OSError, MatplotlibMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     stop = args.stop_token
     workload = make_workload(args.num_requests, mc.vocab_size, prompt_len, output_len, args.system_prompt_len,
                              args.shared_fraction, args.request_rate, args.temperature, args.seed, stop)
+    for w in workload:
+        w.query_len = args.query_len
     rate = "all at once" if not math.isfinite(args.request_rate) else f"Poisson, {args.request_rate:g} req/s"
     print(f"kvplug engine: synthetic workload on {device} (libkvplug {kvplug.library_path()})")
     print(engine.describe())
@@ -127,6 +164,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     engine.check_no_leaks()
     print("results")
     print(format_report(metrics))
+    report = engine.entropy_report()
+    if report is not None:
+        print(format_table(report))
+        if args.entropy_png:
+            write_heatmap(report, args.entropy_png,
+                          title=f"mean H / log(keys) per layer and head ({metrics['num_requests']} requests, "
+                                f"{max(x['rows'] for x in report['layers']) // mc.num_attention_heads} rows per head)")
+            print(f"entropy heat map: {args.entropy_png}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"device": device, "args": {k: v for k, v in vars(args).items() if k != "json"},

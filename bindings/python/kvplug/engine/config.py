@@ -20,7 +20,13 @@ architecture, where the weights come from, and which attention backend each laye
 ``attention.layers`` may also be a list with one entry (or null, for the default) per layer. A
 backend is a name registered in libkvplug (``kvplug.backends()``) or ``"torch_reference"``: plain
 PyTorch attention over the same paged cache, taking a ``DenseConfig`` (window_left,
-logits_soft_cap); it is the engine's own check of the library's backends.
+logits_soft_cap); it is the engine's own check of the library's backends. An ``"entropy"`` layer's
+``EntropyConfig.temperature`` may be a ``[num_attention_heads][T]`` table (flattened row-major here)
+or the flat list; its length is checked against the head count per layer. A ``"kv_shift"`` layer's
+``KvShiftConfig`` (KV shifting attention: per KV head, K^_i = a1 K_i + a2 K_{i-1}, V likewise, before
+RoPE) gives ``alpha_k`` and ``alpha_v`` as ``[num_key_value_heads][2]`` tables or flat lists; the
+engine fills its RoPE fields from the model (``rope_theta``, the whole head, NeoX), since the
+backend rotates the mixed keys in its write and the model hands it pre-RoPE keys.
 
 :func:`ModelConfig.from_dict` resolves every layer's backend against the loaded library and
 checks its config (``kvplug.check_config``), head size and cache dtype, so an unknown backend or a
@@ -38,6 +44,78 @@ import kvplug
 
 #: The engine's own backend: PyTorch attention over the paged cache (CPU caches), for checks.
 TORCH_REFERENCE = "torch_reference"
+#: Star Attention (arXiv 2411.17116): libkvplug's "star" backend, a StarConfig per layer.
+STAR = "star"
+#: Entropy-guided attention (arXiv 2501.03489): libkvplug's "entropy" backend, an EntropyConfig
+#: (a [num_attention_heads, T] temperature table) per layer.
+ENTROPY = "entropy"
+#: KV shifting attention (arXiv 2411.19574): libkvplug's "kv_shift" backend, a KvShiftConfig
+#: (per KV head weights of the current and the previous token's K and V) per layer.
+KV_SHIFT = "kv_shift"
+#: Backends that keep per-sequence state whose rules the engine follows (state slots in every batch,
+#: the refill after a prefix-cache hit: see :mod:`.scheduler`); other stateful ones are refused.
+STATEFUL_BACKENDS = frozenset({KV_SHIFT})
+
+
+def star_spec(context_block_size: int, anchor_block_size: Optional[int] = None) -> "AttentionSpec":
+    """A layer running Star Attention with context blocks of ``context_block_size`` tokens and an
+    anchor of ``anchor_block_size`` (default: one block), on one shard."""
+    anchor = context_block_size if anchor_block_size is None else anchor_block_size
+    return AttentionSpec(backend=STAR, config={"backend_config_type": "StarConfig",
+                                               "backend_config": {"context_block_size": int(context_block_size),
+                                                                  "anchor_block_size": int(anchor)}})
+
+
+def entropy_spec(temperature: Any = None) -> "AttentionSpec":
+    """A layer running entropy-guided attention: logits q.k / (t[h, p] sqrt(d)) with ``temperature``
+    a [num_attention_heads, T] table (nested lists or an array; T = 1: per head; positions >= T use
+    the last entry), or a flat row-major list; None: t = 1 (dense, with the same telemetry)."""
+    return AttentionSpec(backend=ENTROPY, config=kvplug.entropy_config(temperature))
+
+
+def kv_shift_spec(alpha_k: Any, alpha_v: Any) -> "AttentionSpec":
+    """A layer running KV shifting attention: ``alpha_k``/``alpha_v`` [num_key_value_heads][2] tables
+    of (current, previous) weights (or flat lists). RoPE comes from the model config."""
+    cfg = kvplug.kv_shift_config(alpha_k, alpha_v)
+    inner = {k: cfg["backend_config"][k] for k in ("alpha_k", "alpha_v")}
+    return AttentionSpec(backend=KV_SHIFT, config={"backend_config_type": "KvShiftConfig", "backend_config": inner})
+
+
+def parse_temperatures(text: str, num_heads: int, what: str = "--entropy-temperature") -> List[float]:
+    """One temperature ("0.5") for every head or one per head ("0.25,0.5,1,4"): a per-head table (T = 1)."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise EngineConfigError(f"{what}={text!r}: expected a number or {num_heads} comma-separated numbers") from None
+    if len(values) == 1:
+        values = values * num_heads
+    if len(values) != num_heads:
+        raise EngineConfigError(f"{what}={text!r}: {len(values)} values for {num_heads} attention heads")
+    bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise EngineConfigError(f"{what}={text!r}: temperatures must be finite and > 0, not {bad}")
+    return values
+
+
+def parse_layer_list(text: str, num_layers: int, what: str = "--star-layers") -> List[int]:
+    """"all", or comma-separated layer indices and LO-HI ranges ("0,2-3"), checked against the model."""
+    if text.strip() == "all":
+        return list(range(num_layers))
+    out: List[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise EngineConfigError(f"{what}={text!r}: expected 'all' or layer indices like 0,2-3") from None
+    bad = [i for i in out if not 0 <= i < num_layers]
+    if bad or not out:
+        raise EngineConfigError(f"{what}={text!r}: layers {bad} outside [0, {num_layers})")
+    return sorted(set(out))
 
 
 class EngineConfigError(ValueError):
@@ -54,6 +132,66 @@ class AttentionSpec:
 
     backend: str = "dense"
     config: Optional[Dict[str, Any]] = None
+
+    @property
+    def is_star(self) -> bool:
+        return self.backend == STAR
+
+    @property
+    def is_entropy(self) -> bool:
+        return self.backend == ENTROPY
+
+    @property
+    def is_kv_shift(self) -> bool:
+        return self.backend == KV_SHIFT
+
+    @property
+    def fuses_key_rope(self) -> bool:
+        """The backend rotates keys in its write: the model hands it pre-RoPE keys (queries are
+        rotated by the model as for every layer)."""
+        return self.is_kv_shift
+
+    def kv_shift_alphas(self) -> Tuple[List[float], List[float]]:
+        """A KvShiftConfig's flat alpha_k and alpha_v."""
+        cfg = (self.config or {}).get("backend_config") or {}
+        return [float(x) for x in cfg.get("alpha_k") or []], [float(x) for x in cfg.get("alpha_v") or []]
+
+    def library_config(self, model: "ModelConfig") -> Optional[Dict[str, Any]]:
+        """The config handed to libkvplug: this one, except that a kv_shift layer gets the model's
+        RoPE (rope_theta, rotary_dim 0 = the whole head, NeoX: transformers' rotate-half) so the
+        backend rotates the mixed keys as the model rotates its queries. EngineConfigError if the
+        config asks for other RoPE settings than the model's."""
+        if not self.is_kv_shift or not isinstance(self.config, Mapping):
+            return self.config
+        inner = dict(self.config.get("backend_config") or {})
+        want = {"rope_theta": float(model.rope_theta), "rotary_dim": 0, "rope_style": "NeoX"}
+        same = {"rope_theta": lambda v: float(v) == want["rope_theta"],
+                "rotary_dim": lambda v: int(v) in (0, model.head_dim),
+                "rope_style": lambda v: v in ("NeoX", 0)}
+        for key, ok in same.items():
+            if key in inner and not ok(inner[key]):
+                raise EngineConfigError(
+                    f"kv_shift: {key}={inner[key]!r} differs from the model's RoPE (rope_theta={model.rope_theta}, "
+                    f"the whole head of {model.head_dim}, NeoX): the model rotates the queries, the backend the "
+                    f"keys, with the same settings; leave it out")
+        inner.update(want)
+        return dict(self.config, backend_config=inner)
+
+    def temperatures(self) -> List[float]:
+        """An EntropyConfig's flat temperature table ([] = t = 1 everywhere)."""
+        cfg = (self.config or {}).get("backend_config") or {}
+        return [float(x) for x in cfg.get("temperature") or []]
+
+    def temperature_table(self, num_heads: int) -> List[List[float]]:
+        """The [num_heads, T] table of an EntropyConfig (T = 1 and t = 1 when it is empty)."""
+        flat = self.temperatures() or [1.0] * num_heads
+        positions = len(flat) // num_heads
+        return [flat[h * positions:(h + 1) * positions] for h in range(num_heads)]
+
+    def star_params(self) -> Tuple[int, int]:
+        """(context_block_size, anchor_block_size) of a StarConfig, with the schema's defaults."""
+        cfg = (self.config or {}).get("backend_config") or {}
+        return int(cfg.get("context_block_size", 4096)), int(cfg.get("anchor_block_size", 4096))
 
     def dense_params(self) -> Tuple[int, float]:
         """(window_left, logits_soft_cap) from a DenseConfig (the torch reference's parameters)."""
@@ -173,6 +311,31 @@ class ModelConfig:
         d["attention"] = {"layers": [{"backend": s.backend, "config": s.config} for s in self.layer_attention]}
         return d
 
+    @property
+    def star_layers(self) -> Tuple[int, ...]:
+        """The layers that run Star Attention."""
+        return tuple(i for i, s in enumerate(self.layer_attention) if s.is_star)
+
+    @property
+    def star_layout(self) -> Optional[Tuple[int, int]]:
+        """(context_block_size, anchor_block_size) when every Star layer agrees on them (the engine's
+        Star statistics and Star prefix keys use it), else None (also without Star layers)."""
+        params = {self.layer_attention[i].star_params() for i in self.star_layers}
+        return params.pop() if len(params) == 1 else None
+
+    @property
+    def all_star(self) -> bool:
+        """Every layer runs Star with one layout: a context block's K/V then depends only on the
+        anchor and its own tokens, so Star prefix keys (BlockManager.allocate_star) are valid."""
+        return len(self.star_layers) == self.num_hidden_layers and self.star_layout is not None
+
+    def with_layers(self, layers: List[int], spec: AttentionSpec) -> "ModelConfig":
+        """This config with ``spec`` on ``layers`` (checked again by the engine)."""
+        specs = list(self.layer_attention)
+        for i in layers:
+            specs[i] = spec
+        return dataclasses.replace(self, layer_attention=tuple(specs))
+
     def hf_config_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments for ``transformers.LlamaConfig`` with the same architecture."""
         return dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
@@ -212,16 +375,41 @@ class ModelConfig:
             if dev is not None and dev not in info.device_types:
                 raise EngineConfigError(f"{where}: backend {spec.backend!r} in this build runs on device types "
                                         f"{list(info.device_types)} (DLPack), not {device!r} ({dev})")
-            if info.needs_state_slots:
+            if info.needs_state_slots and spec.backend not in STATEFUL_BACKENDS:
                 raise EngineConfigError(f"{where}: backend {spec.backend!r} keeps per-sequence state; this engine "
-                                        "does not allocate state slots yet")
-            _check_config(spec.backend, spec, where)
+                                        f"follows the state rules of {sorted(STATEFUL_BACKENDS)} only")
+            if spec.is_kv_shift:
+                self._check_kv_shift(spec, where)
+            _check_config(spec.backend, spec, where, self)
+            if spec.is_entropy:  # the library checks the shape only at creation: say it here, per layer
+                n = len(spec.temperatures())
+                if n % self.num_attention_heads:
+                    raise EngineConfigError(
+                        f"{where}: the entropy temperature table has {n} entries, not a multiple of "
+                        f"num_attention_heads={self.num_attention_heads} (it is [num_attention_heads, T], row-major)")
+
+    def _check_kv_shift(self, spec: AttentionSpec, where: str) -> None:
+        """A KvShiftConfig with num_key_value_heads (current, previous) pairs in alpha_k and alpha_v
+        (the library checks the lengths only at creation: say it here, per layer) and the model's RoPE."""
+        if not isinstance(spec.config, Mapping) or spec.config.get("backend_config_type") != "KvShiftConfig":
+            raise EngineConfigError(f"{where}: backend {KV_SHIFT!r} needs a KvShiftConfig with alpha_k and alpha_v "
+                                    f"([num_key_value_heads={self.num_key_value_heads}][2] each: current, previous), "
+                                    f"got {json.dumps(spec.config)}")
+        for name, values in zip(("alpha_k", "alpha_v"), spec.kv_shift_alphas()):
+            if len(values) != 2 * self.num_key_value_heads:
+                raise EngineConfigError(
+                    f"{where}: the kv_shift {name} has {len(values)} values, not num_key_value_heads * 2 = "
+                    f"{2 * self.num_key_value_heads} (per KV head: current, previous)")
+        try:
+            spec.library_config(self)
+        except EngineConfigError as e:
+            raise EngineConfigError(f"{where}: {e}") from None
 
 
-def _check_config(backend: str, spec: AttentionSpec, where: str) -> None:
+def _check_config(backend: str, spec: AttentionSpec, where: str, model: Optional["ModelConfig"] = None) -> None:
     """kvplug.check_config with the layer and the config in the message."""
     try:
-        kvplug.check_config(backend, spec.config)
+        kvplug.check_config(backend, spec.library_config(model) if model is not None else spec.config)
     except kvplug.KvplugError as e:
         raise type(e)(f"{where}: backend {spec.backend!r} rejects its config {json.dumps(spec.config)}: "
                       f"{e.message}", e.status, e.status_name) from e
@@ -248,7 +436,43 @@ def _spec(value: Any, where: str) -> Optional[AttentionSpec]:
             raise EngineConfigError(f"attention {where}: config is not valid JSON: {e}") from e
     if config is not None and not isinstance(config, dict):
         raise EngineConfigError(f"attention {where}: config must be a JSON object or null, got {config!r}")
+    if config is not None and config.get("backend_config_type") == "EntropyConfig":
+        config = _flat_temperatures(config, where)
+    if config is not None and config.get("backend_config_type") == "KvShiftConfig":
+        config = _flat_alphas(config, where)
     return AttentionSpec(backend=backend, config=config)
+
+
+def _flat_temperatures(config: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """An EntropyConfig whose temperature is a nested [num_heads][T] list, flattened row-major (the
+    schema's form); other configs unchanged. Ragged rows are an error."""
+    inner = config.get("backend_config")
+    table = inner.get("temperature") if isinstance(inner, Mapping) else None
+    if not isinstance(table, list) or not any(isinstance(row, list) for row in table):
+        return config
+    if not all(isinstance(row, list) for row in table) or len({len(row) for row in table}) != 1:
+        raise EngineConfigError(f"attention {where}: temperature must be a flat list or a [num_heads][T] table "
+                                f"with rows of one length, got rows of lengths "
+                                f"{[len(r) if isinstance(r, list) else None for r in table]}")
+    flat = [x for row in table for x in row]
+    return dict(config, backend_config=dict(inner, temperature=flat))
+
+
+def _flat_alphas(config: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """A KvShiftConfig whose alpha_k/alpha_v are [num_kv_heads][2] tables, flattened (the schema's form)."""
+    inner = config.get("backend_config")
+    if not isinstance(inner, Mapping):
+        return config
+    out = dict(inner)
+    for name in ("alpha_k", "alpha_v"):
+        table = inner.get(name)
+        if not isinstance(table, list) or not any(isinstance(row, list) for row in table):
+            continue
+        if not all(isinstance(row, list) and len(row) == 2 for row in table):
+            raise EngineConfigError(f"attention {where}: {name} must be a flat list or a [num_kv_heads][2] table "
+                                    f"(current, previous), got {table!r}")
+        out[name] = [x for row in table for x in row]
+    return dict(config, backend_config=out)
 
 
 def _layer_specs(attention: Any, num_layers: int) -> Tuple[AttentionSpec, ...]:
@@ -307,6 +531,10 @@ class EngineConfig:
     torch_threads: int = 1
     #: Seeds the sampler of requests that bring no seed of their own.
     seed: int = 0
+    #: Attention-entropy telemetry: every layer whose backend supports entropy (dense, star, entropy)
+    #: writes a per-head summary at each run, accumulated on the device over the run
+    #: (:meth:`LLMEngine.entropy_report`); no synchronization per layer.
+    entropy_telemetry: bool = False
 
     def check(self) -> None:
         if self.block_size <= 0 or self.num_device_blocks <= 0 or self.num_host_blocks < 0:

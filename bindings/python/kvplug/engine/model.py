@@ -10,6 +10,8 @@ back to back and their ``positions``. It owns no cache: each layer calls
 ``attention(layer, q, k, v) -> out`` with q [T, num_heads, head_dim] and k, v
 [T, num_kv_heads, head_dim] (RoPE applied), and the engine's callable writes K/V into the paged
 cache and runs the layer's backend (:class:`KvplugAttention` or :class:`TorchReferenceAttention`).
+Layers whose backend rotates keys itself (``AttentionSpec.fuses_key_rope``: kv_shift, whose shift
+acts on pre-RoPE keys) get k before RoPE; q is always rotated here.
 """
 from __future__ import annotations
 
@@ -73,10 +75,11 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                attention: AttentionFn) -> torch.Tensor:
+                attention: AttentionFn, rope_keys: bool = True) -> torch.Tensor:
         t = x.shape[0]
         q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin).contiguous()
-        k = apply_rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin).contiguous()
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        k = (apply_rope(k, cos, sin) if rope_keys else k).contiguous()
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim).contiguous()
         out = attention(layer, q, k, v)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
@@ -102,8 +105,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                attention: AttentionFn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, attention)
+                attention: AttentionFn, rope_keys: bool = True) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, attention, rope_keys)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -127,13 +130,18 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        #: Layers whose attention gets pre-RoPE keys (the backend rotates them in its write).
+        self.raw_key_layers = frozenset(i for i, s in enumerate(cfg.layer_attention) if s.fuses_key_rope)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn,
+                raw_key_layers: Optional[frozenset] = None) -> torch.Tensor:
+        """``raw_key_layers``: layers that get pre-RoPE keys (default: this model config's)."""
+        raw = self.raw_key_layers if raw_key_layers is None else raw_key_layers
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, attention)
+            x = layer(x, cos, sin, i, attention, i not in raw)
         return self.model.norm(x)
 
     @torch.inference_mode()
@@ -210,19 +218,26 @@ class StepBatch:
 
 class KvplugAttention:
     """A libkvplug backend: K/V written through the backend at the plan's slot mapping
-    (kvp_attention_write_kv), then kvp_attention_run into a preallocated output."""
+    (kvp_attention_write_kv), then kvp_attention_run into a preallocated output. The config is
+    the layer's :meth:`AttentionSpec.library_config` (kv_shift: the model's RoPE filled in). With
+    ``summary_out`` set (a [num_heads, 6] float32 tensor on the run's device: the engine's entropy
+    telemetry), every run also writes the per-head entropy summary there (kvp_attention_run_v2)."""
 
     def __init__(self, ctx: kvplug.Context, spec: AttentionSpec, cfg: ModelConfig, kv_dtype: str) -> None:
         self.spec = spec
         self.attn = kvplug.Attention(ctx, spec.backend, num_q_heads=cfg.num_attention_heads,
                                      num_kv_heads=cfg.num_key_value_heads, head_size=cfg.head_dim,
-                                     kv_dtype=kv_dtype, config=spec.config)
+                                     kv_dtype=kv_dtype, config=spec.library_config(cfg))
+        self.summary_out: Optional[torch.Tensor] = None
 
     def __call__(self, plan: kvplug.Plan, cache: kvplug.KvCache, batch: StepBatch, layer: int, q: torch.Tensor,
                  k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.attn.write_kv(plan, cache, layer, k, v)
         out = torch.empty_like(q)
-        self.attn.run(plan, cache, layer, q, out)
+        if self.summary_out is None:
+            self.attn.run(plan, cache, layer, q, out)
+        else:
+            self.attn.run(plan, cache, layer, q, out, entropy_summary=self.summary_out)
         return out
 
 

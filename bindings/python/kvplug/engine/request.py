@@ -63,10 +63,17 @@ class RequestStatus(enum.Enum):
 class Request:
     """One request's state in the engine. ``token_ids`` holds the prompt and every sampled token;
     ``num_computed_tokens`` of them have K/V in the cache; the block manager holds
-    ``num_bm_tokens`` of them (the last sampled token joins it when the request is next scheduled)."""
+    ``num_bm_tokens`` of them (the last sampled token joins it when the request is next scheduled).
+
+    ``query_len``: the prompt's trailing tokens that are its query; the ``context_len`` tokens before
+    them are context (Star Attention encodes them blockwise in phase 1; other backends ignore it).
+    0 (the default) makes the whole prompt context: its last token, which samples the first output
+    token, then sees only the anchor and its own Star block, and generated tokens are phase 2.
+    ``cached_ranges``: token ranges past ``num_computed_tokens`` whose K/V the prefix cache already
+    holds (Star prefix hits need not be leading); computing skips them."""
 
     def __init__(self, request_id: str, seq_id: int, prompt_token_ids: Sequence[int], params: SamplingParams,
-                 arrival_time: float, generator: Optional[torch.Generator]) -> None:
+                 arrival_time: float, generator: Optional[torch.Generator], query_len: int = 0) -> None:
         self.request_id = request_id
         self.seq_id = seq_id
         self.prompt_token_ids: List[int] = [int(t) for t in prompt_token_ids]
@@ -75,8 +82,16 @@ class Request:
         self.arrival_time = arrival_time
         self.generator = generator
         self.status = RequestStatus.WAITING
+        if not 0 <= int(query_len) <= len(self.prompt_token_ids):
+            raise ValueError(f"query_len={query_len} must be in [0, {len(self.prompt_token_ids)}] (the prompt's length)")
+        self.query_len = int(query_len)
+        self.context_len = len(self.prompt_token_ids) - self.query_len
+        self.cached_ranges: List[Tuple[int, int]] = []
         self.num_computed_tokens = 0
         self.num_bm_tokens = 0
+        #: Admitted after a prefix-cache hit with stateful layers: the first entry re-runs the last
+        #: cached token with slot -1 to rebuild the per-sequence state (see :mod:`.scheduler`).
+        self.needs_state_refill = False
         # Metrics.
         self.first_scheduled_time: Optional[float] = None
         self.token_times: List[float] = []
@@ -89,6 +104,15 @@ class Request:
         self.output_margins: List[float] = []  # top-1 minus top-2 logit of each sampled position
         self.prompt_logits: Optional[torch.Tensor] = None
         self.error: Optional[str] = None
+
+    def skip_cached(self) -> None:
+        """Move ``num_computed_tokens`` past cached ranges that start at (or before) it."""
+        while self.cached_ranges and self.cached_ranges[0][0] <= self.num_computed_tokens:
+            self.num_computed_tokens = max(self.num_computed_tokens, self.cached_ranges.pop(0)[1])
+
+    def next_cached_start(self) -> int:
+        """Where the next cached range starts (the end of the tokens when none is left)."""
+        return self.cached_ranges[0][0] if self.cached_ranges else len(self.token_ids)
 
     @property
     def prompt_len(self) -> int:

@@ -21,12 +21,29 @@ with its prompt plus the tokens it has sampled, and the prefix cache usually giv
 
 Block copies (swap plans, copy-on-write) are executed synchronously, in the order they are decided,
 so a block released by a swap-out is never overwritten before its contents reached the host.
+
+Star Attention: with a Star layer anywhere, ordinary allocation keys the prefix cache with the
+request's context length as ``extra_key`` (a Star layer's K/V of a token depends on whether it is
+context). With Star on every layer (one layout, blocks a multiple of the page size) and prefix
+caching on, admission uses ``BlockManager.allocate_star``: a context block depends only on the
+anchor and its own tokens, so every unchanged block hits even after a change before it. The hits
+need not be leading: the request then gets one batch entry per missing run of tokens (seq_len the
+end of the run, its tokens only), up to ``max_num_seqs`` extra entries per step.
+
+Per-sequence state (KV shifting attention keeps the raw K/V of each sequence's last token in its
+state slot, per layer; ``refill_state``): the block manager hands every sequence a state slot at
+allocation and the runner passes it in every batch. A swapped sequence keeps its slot (only pages
+move). A recomputed one restarts at position 0, where the state is not read. A sequence admitted with
+c > 0 cached tokens needs the raw K/V of token c - 1, which the cache does not hold (it holds the
+mixed K^): its first entry re-runs token c - 1 with slot -1 (``ScheduledSeq.refill``: q_len n + 1,
+seq_len c + n; the refill costs one token of the budget; with a budget of one it runs alone, q_len 1,
+seq_len c), which rewrites the state and leaves the pages as they are.
 """
 from __future__ import annotations
 
 import bisect
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import kvplug
 
@@ -38,7 +55,14 @@ from .request import Request, RequestStatus, now
 class ScheduledSeq:
     req: Request
     start: int       # first position computed this step (num_computed_tokens before it)
-    num_tokens: int  # query tokens this step
+    num_tokens: int  # query tokens this step (not counting the refill token)
+    #: Re-run token start - 1 first, with slot -1, to refill the state after a prefix-cache hit.
+    refill: bool = False
+
+    @property
+    def num_query_tokens(self) -> int:
+        """The entry's rows in the batch: its tokens plus the refill token."""
+        return self.num_tokens + int(self.refill)
 
     @property
     def is_decode(self) -> bool:
@@ -52,7 +76,7 @@ class SchedulerOutput:
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.seqs)
+        return sum(s.num_query_tokens for s in self.seqs)
 
 
 @dataclasses.dataclass
@@ -80,6 +104,9 @@ class SchedulerStats:
     num_rejected: int = 0
     prompt_tokens_admitted: int = 0   # tokens handed to allocate (prompts, plus outputs on recompute)
     cached_tokens_admitted: int = 0   # of those, served by the prefix cache
+    star_prefix_hit_blocks: int = 0   # Star context blocks served whole by allocate_star (hits need not lead)
+    star_non_leading_hit_tokens: int = 0  # cached tokens after the first token to compute
+    num_state_refills: int = 0        # prefix hits whose last cached token was re-run with slot -1
     peak_used_blocks: int = 0
     peak_running: int = 0
 
@@ -90,10 +117,21 @@ class SchedulerStats:
 class Scheduler:
     """Owns the request queues and every block-manager call; executes block copies on ``cache``."""
 
-    def __init__(self, cfg: EngineConfig, bm: kvplug.BlockManager, cache: kvplug.KvCache) -> None:
+    def __init__(self, cfg: EngineConfig, bm: kvplug.BlockManager, cache: kvplug.KvCache, *,
+                 star_keys: bool = False, star_layout: Optional[Tuple[int, int]] = None,
+                 refill_state: bool = False) -> None:
+        """``star_keys``: some layer runs Star (prefix keys then carry the context length).
+        ``star_layout``: (context_block_size, anchor_size) to allocate with Star keys
+        (allocate_star), or None for ordinary allocation. ``refill_state``: some layer keeps
+        per-sequence state, so a prefix-cache hit re-runs its last cached token first."""
         self.cfg = cfg
         self.bm = bm
         self.cache = cache
+        self.star_keys = star_keys
+        self.star_layout = star_layout
+        self.refill_state = refill_state
+        #: Batch entries beyond one per sequence a step may use (Star prefix hits that do not lead).
+        self.max_extra_entries = cfg.max_num_seqs if star_layout is not None else 0
         self.waiting: List[Request] = []
         self.running: List[Request] = []
         self.swapped: List[Request] = []
@@ -164,10 +202,39 @@ class Scheduler:
                 return
         self.bm.free(victim.seq_id)
         victim.num_computed_tokens = 0
+        victim.cached_ranges = []
         victim.num_bm_tokens = 0
+        victim.needs_state_refill = False  # restarts at position 0 (or refills at its next hit)
         victim.status = RequestStatus.WAITING
         self._insort(self.waiting, victim)
         self.stats.num_recomputes += 1
+
+    def _allocate_star(self, req: Request) -> int:
+        """allocate_star: Star keys for the context; the cached pages become ``req.cached_ranges``
+        (leading ones advance ``num_computed_tokens``). Returns the cached tokens."""
+        assert self.star_layout is not None
+        cbs, anchor = self.star_layout
+        bs = self.cfg.block_size
+        context = min(req.context_len, len(req.token_ids))
+        pages, cached = self.bm.allocate_star(req.seq_id, req.token_ids, context_len=context, context_block_size=cbs,
+                                              anchor_size=anchor)
+        ranges: List[Tuple[int, int]] = []
+        for i in map(int, (pages != 0).nonzero()[0]):
+            lo, hi = i * bs, min((i + 1) * bs, len(req.token_ids))
+            if ranges and ranges[-1][1] == lo:
+                ranges[-1] = (ranges[-1][0], hi)
+            else:
+                ranges.append((lo, hi))
+        req.num_computed_tokens = 0
+        req.cached_ranges = ranges
+        req.skip_cached()
+        self.stats.star_non_leading_hit_tokens += cached - req.num_computed_tokens
+        # Star context blocks served whole: every page wholly inside the block's context is cached.
+        for k in range(-(-context // cbs)):
+            first, last = k * cbs // bs, min((k + 1) * cbs, context) // bs  # pages [first, last)
+            if last > first and pages[first:last].all():
+                self.stats.star_prefix_hit_blocks += 1
+        return cached
 
     def _append_pending(self, req: Request, may_preempt: bool) -> bool:
         """Give the block manager the tokens sampled since ``req`` was last scheduled. Preempts the
@@ -200,14 +267,38 @@ class Scheduler:
         rejected: List[Request] = []
         preempted_before = self.stats.num_preemptions
 
+        extra = self.max_extra_entries
+
         def take(req: Request) -> None:
-            nonlocal budget
-            pending = len(req.token_ids) - req.num_computed_tokens
-            n = min(pending, budget)
+            """The request's next tokens within the budget: one entry, or (cached ranges ahead) one
+            entry per run of tokens to compute, each ending where the next cached range starts."""
+            nonlocal budget, extra
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now()
-            out.append(ScheduledSeq(req, req.num_computed_tokens, n))
-            budget -= n
+            req.skip_cached()
+            pos, ranges, i, entries = req.num_computed_tokens, req.cached_ranges, 0, 0
+            while budget > 0 and pos < len(req.token_ids):
+                while i < len(ranges) and ranges[i][0] <= pos:
+                    pos = max(pos, ranges[i][1])
+                    i += 1
+                if pos >= len(req.token_ids):
+                    break
+                if entries:
+                    if extra <= 0:
+                        break
+                    extra -= 1
+                end = ranges[i][0] if i < len(ranges) else len(req.token_ids)
+                refill = req.needs_state_refill and pos == req.num_computed_tokens and pos > 0
+                n = min(end - pos, budget - int(refill))
+                out.append(ScheduledSeq(req, pos, n, refill=refill))
+                budget -= n + int(refill)
+                if refill:
+                    req.needs_state_refill = False
+                    self.stats.num_state_refills += 1
+                pos += n
+                entries += 1
+                if n == 0:
+                    break  # the refill alone filled the budget
 
         # 1. Running, oldest first.
         i = 0
@@ -240,7 +331,8 @@ class Scheduler:
         while (not preempted and not self.swapped and self.waiting and budget > 0
                and len(self.running) < cfg.max_num_seqs):
             req = self.waiting[0]
-            verdict = self.bm.can_allocate(req.token_ids)
+            extra_key = req.context_len if self.star_keys and self.star_layout is None else 0
+            verdict = self.bm.can_allocate(req.token_ids, extra_key=extra_key)
             if verdict == kvplug.AllocVerdict.NEVER:
                 self.waiting.pop(0)
                 req.error = (f"{len(req.token_ids)} tokens can never fit {cfg.num_device_blocks} blocks of "
@@ -250,9 +342,13 @@ class Scheduler:
                 continue
             if verdict != kvplug.AllocVerdict.OK:
                 break
-            cached = self.bm.allocate(req.seq_id, req.token_ids)
+            if self.star_layout is not None:
+                cached = self._allocate_star(req)
+            else:
+                cached = self.bm.allocate(req.seq_id, req.token_ids, extra_key=extra_key)
+                req.num_computed_tokens = cached
+                req.needs_state_refill = self.refill_state and cached > 0
             self.waiting.pop(0)
-            req.num_computed_tokens = cached
             req.num_bm_tokens = len(req.token_ids)
             req.num_cached_tokens_total += cached
             if req.num_preemptions == 0:
@@ -268,7 +364,7 @@ class Scheduler:
         st = self.stats
         if out:
             st.num_steps += 1
-            ntok = sum(s.num_tokens for s in out)
+            ntok = sum(s.num_query_tokens for s in out)
             st.num_scheduled_tokens += ntok
             decodes = sum(1 for s in out if s.is_decode)
             prefill_seqs = [s for s in out if not s.is_decode]

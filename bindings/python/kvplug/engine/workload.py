@@ -32,6 +32,7 @@ class WorkloadRequest:
     prompt: List[int]
     params: SamplingParams
     arrival: float  # seconds after the start
+    query_len: int = 0  # trailing prompt tokens that are the query (the rest is context: Star phase 1)
 
 
 def make_workload(num_requests: int, vocab_size: int, prompt_len: Tuple[int, int], output_len: Tuple[int, int],
@@ -122,7 +123,8 @@ def run_workload(engine: LLMEngine, workload: Sequence[WorkloadRequest], progres
         t = time.perf_counter() - start
         while nxt < len(order) and workload[order[nxt]].arrival <= t:
             w = workload[order[nxt]]
-            ids.append(engine.add_request(w.prompt, w.params, arrival_time=start + w.arrival))
+            ids.append(engine.add_request(w.prompt, w.params, arrival_time=start + w.arrival,
+                                          query_len=min(w.query_len, len(w.prompt))))
             nxt += 1
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, min(0.05, workload[order[nxt]].arrival - t)))
@@ -176,6 +178,13 @@ def summarize(engine: LLMEngine, outs: Sequence[RequestOutput], wall: float) -> 
         "scheduler": {k: st[k] for k in ("num_preemptions", "num_swap_outs", "num_swap_ins", "num_recomputes",
                                          "num_mixed_steps", "num_chunked_prefills", "max_batch_seqs",
                                          "max_batch_tokens", "peak_running")},
+        "star": {"layers": st["star_layers"], "prefix_keys": "star" if st["star_prefix_keys"] else "chained",
+                 "context_blocks_encoded": st["star_context_blocks_encoded"],
+                 "anchor_reuse_blocks": st["star_anchor_reuse_blocks"],
+                 "prefix_hit_blocks": st["star_prefix_hit_blocks"],
+                 "non_leading_hit_tokens": st["star_non_leading_hit_tokens"]},
+        # Attention-entropy telemetry per layer and head (None without it): EntropyTelemetry.report().
+        "entropy": engine.entropy_report(),
     }
 
 
@@ -203,4 +212,14 @@ def format_report(m: Dict[str, Any]) -> str:
         ("preemptions", f"{sc['num_preemptions']} (swap out {sc['num_swap_outs']}, swap in {sc['num_swap_ins']}, "
                         f"recompute {sc['num_recomputes']}), peak {sc['peak_running']} running"),
     ]
+    star = m.get("star") or {}
+    if star.get("layers"):
+        rows.append(("star attention", f"{star['layers']} layers, {star['context_blocks_encoded']} context blocks "
+                                       f"encoded ({star['anchor_reuse_blocks']} reading the anchor's pages), "
+                                       f"{star['prefix_keys']} prefix keys: {star['prefix_hit_blocks']} Star blocks "
+                                       f"hit, {star['non_leading_hit_tokens']} cached tokens after a miss"))
+    if m.get("entropy"):
+        from .telemetry import summary_line
+
+        rows.append(("attention entropy", summary_line(m["entropy"])))
     return "\n".join(f"  {k:<20} {v}" for k, v in rows)

@@ -1,4 +1,4 @@
-//! Raw FFI declarations of the kvplug C ABI, `abi/include/kvplug/kvplug.h` (ABI 0.1), and of the
+//! Raw FFI declarations of the kvplug C ABI, `abi/include/kvplug/kvplug.h` (ABI 0.5), and of the
 //! three DLPack (v0.6) types it uses.
 //!
 //! Everything here mirrors the header one to one: C enums are integer type aliases with one `pub
@@ -55,9 +55,10 @@ pub mod abi_description {
     }
 
     /// Opaque handle types (declared but never defined in the header).
-    pub const OPAQUE: &[&str] = &["kvp_context", "kvp_block_manager", "kvp_kv_cache", "kvp_plan", "kvp_attention"];
+    pub const OPAQUE: &[&str] =
+        &["kvp_context", "kvp_block_manager", "kvp_kv_cache", "kvp_plan", "kvp_attention", "kvp_comm"];
 
-    pub use super::{ENUMS, FUNCTIONS, STRUCTS, VERSION_MACROS};
+    pub use super::{ENUMS, FUNCTIONS, MACROS, STRUCTS};
 }
 
 use abi_description::{EnumDesc, FieldDesc, FnDesc, StructDesc};
@@ -103,7 +104,7 @@ macro_rules! c_structs {
                 size: core::mem::size_of::<$name>(),
                 align: core::mem::align_of::<$name>(),
                 fields: &[ $( FieldDesc {
-                    name: stringify!($f),
+                    name: strip_raw(stringify!($f)),
                     ty: stringify!($t),
                     offset: core::mem::offset_of!($name, $f),
                     size: core::mem::size_of::<$t>(),
@@ -111,6 +112,18 @@ macro_rules! c_structs {
             } ),*
         ];
     };
+}
+
+/// A field's C name: `r#in` (a Rust keyword) is `in` in C.
+#[doc(hidden)]
+pub const fn strip_raw(name: &'static str) -> &'static str {
+    let b = name.as_bytes();
+    if b.len() > 2 && b[0] == b'r' && b[1] == b'#' {
+        if let Ok(rest) = core::str::from_utf8(b.split_at(2).1) {
+            return rest;
+        }
+    }
+    name
 }
 
 macro_rules! ret_str {
@@ -145,18 +158,23 @@ macro_rules! c_functions {
 // ---------------------------------------------------------------------------------------------
 
 pub const KVP_ABI_VERSION_MAJOR: u32 = 0;
-pub const KVP_ABI_VERSION_MINOR: u32 = 2;
+pub const KVP_ABI_VERSION_MINOR: u32 = 5;
 pub const KVP_ABI_VERSION_PATCH: u32 = 0;
 /// major * 10000 + minor * 100 + patch.
 pub const KVP_ABI_VERSION_NUMBER: u32 =
     KVP_ABI_VERSION_MAJOR * 10000 + KVP_ABI_VERSION_MINOR * 100 + KVP_ABI_VERSION_PATCH;
 
+/// Since ABI 0.4: the bytes of an NCCL unique id (`kvp_comm_nccl_unique_id`).
+pub const KVP_NCCL_UNIQUE_ID_BYTES: usize = 128;
+
+/// Every `KVP_*` value macro of the header (all but `KVP_API`), for the header-drift test.
 #[doc(hidden)]
-pub const VERSION_MACROS: &[(&str, i64)] = &[
+pub const MACROS: &[(&str, i64)] = &[
     ("KVP_ABI_VERSION_MAJOR", KVP_ABI_VERSION_MAJOR as i64),
     ("KVP_ABI_VERSION_MINOR", KVP_ABI_VERSION_MINOR as i64),
     ("KVP_ABI_VERSION_PATCH", KVP_ABI_VERSION_PATCH as i64),
     ("KVP_ABI_VERSION_NUMBER", KVP_ABI_VERSION_NUMBER as i64),
+    ("KVP_NCCL_UNIQUE_ID_BYTES", KVP_NCCL_UNIQUE_ID_BYTES as i64),
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -199,6 +217,11 @@ c_enums! {
         KVP_CONFIG_BINARY = 1,
         KVP_CONFIG_JSON = 2,
     }
+    /// Since ABI 0.4.
+    kvp_comm_kind: c_uint {
+        KVP_COMM_IN_PROCESS = 1,
+        KVP_COMM_NCCL = 2,
+    }
     /// DLPack v0.6 device types (those kvplug names; the rest of the enum is not needed here).
     DLDeviceType: c_uint {
         kDLCPU = 1,
@@ -230,7 +253,7 @@ macro_rules! opaque {
         }
     )*};
 }
-opaque!(kvp_context, kvp_block_manager, kvp_kv_cache, kvp_plan, kvp_attention);
+opaque!(kvp_context, kvp_block_manager, kvp_kv_cache, kvp_plan, kvp_attention, kvp_comm);
 
 // ---------------------------------------------------------------------------------------------
 // Structs. Every options/stats/info struct starts with `struct_size`: set it to
@@ -267,6 +290,19 @@ c_structs! {
         pub num_head_sizes: i32,
         pub supports_lse: i32,
         pub needs_state_slots: i32,
+    }
+    // Since ABI 0.3: capabilities per device type.
+    pub struct kvp_backend_device_info {
+        pub struct_size: usize,
+        pub device_type: i32,
+        pub available: i32,
+        pub dtype_mask: u32,
+        pub head_sizes: *const i32,
+        pub num_head_sizes: i32,
+        pub supports_lse: i32,
+        pub supports_entropy: i32,
+        pub needs_state_slots: i32,
+        pub experimental: i32,
     }
     pub struct kvp_context_options {
         pub struct_size: usize,
@@ -339,6 +375,9 @@ c_structs! {
         pub kv_indices: *const i32,
         pub slot_mapping: *const i64,
         pub state_slots: *const i32,
+        // Since ABI 0.4 (both optional).
+        pub context_lens: *const i32,
+        pub query_pos_starts: *const i32,
     }
     pub struct kvp_attention_options {
         pub struct_size: usize,
@@ -351,6 +390,66 @@ c_structs! {
         pub config_format: i32,
         pub config: *const c_void,
         pub config_size: usize,
+    }
+    // Since ABI 0.3.
+    pub struct kvp_attention_outputs {
+        pub struct_size: usize,
+        pub out: *mut DLTensor,
+        pub lse: *mut DLTensor,
+        pub entropy: *mut DLTensor,
+        // Since ABI 0.4: [num_q_heads, 6] f32, contiguous (per-head entropy telemetry).
+        pub entropy_summary: *mut DLTensor,
+    }
+    pub struct kvp_merge_states_args {
+        pub struct_size: usize,
+        pub partial_out: *const DLTensor,
+        pub partial_lse: *const DLTensor,
+        pub partial_entropy: *const DLTensor,
+        pub out: *mut DLTensor,
+        pub lse: *mut DLTensor,
+        pub entropy: *mut DLTensor,
+    }
+    // Since ABI 0.4.
+    pub struct kvp_comm_options {
+        pub struct_size: usize,
+        pub kind: i32,
+        pub num_ranks: i32,
+        pub rank: i32,
+        pub nccl_unique_id: *const u8,
+        pub max_num_tokens: i32,
+        pub num_heads: i32,
+        pub head_size: i32,
+        pub out_dtype: i32,
+        pub validate_each_call: i32,
+    }
+    pub struct kvp_star_layout {
+        pub struct_size: usize,
+        pub context_len: i64,
+        pub context_block_size: i32,
+        pub anchor_size: i32,
+    }
+    // Since ABI 0.5.
+    pub struct kvp_cache_layout {
+        pub struct_size: usize,
+        pub seq_len: i32,
+        pub num_pages: i32,
+        pub compressed_rows: i32,
+        pub compressed_pages: i32,
+        pub stable_rows: i32,
+        pub window_first_page: i32,
+        pub window_pages: i32,
+    }
+    pub struct kvp_ssm_args {
+        pub struct_size: usize,
+        pub which: i32,
+        pub r#in: *const DLTensor,
+        pub conv_weight: *const DLTensor,
+        pub conv_bias: *const DLTensor,
+        pub dt_bias: *const DLTensor,
+        pub a_log: *const DLTensor,
+        pub d_skip: *const DLTensor,
+        pub norm_weight: *const DLTensor,
+        pub out: *mut DLTensor,
     }
 }
 
@@ -375,6 +474,13 @@ impl Zeroed for kvp_kv_cache_options {}
 impl Zeroed for kvp_plan_options {}
 impl Zeroed for kvp_batch {}
 impl Zeroed for kvp_attention_options {}
+impl Zeroed for kvp_backend_device_info {}
+impl Zeroed for kvp_attention_outputs {}
+impl Zeroed for kvp_merge_states_args {}
+impl Zeroed for kvp_comm_options {}
+impl Zeroed for kvp_star_layout {}
+impl Zeroed for kvp_cache_layout {}
+impl Zeroed for kvp_ssm_args {}
 
 // ---------------------------------------------------------------------------------------------
 // Functions, in header order.
@@ -389,6 +495,11 @@ c_functions! {
     pub fn kvp_backend_count(out_count: *mut i32) -> kvp_status;
     pub fn kvp_backend_name(index: i32, out_name: *mut *const c_char) -> kvp_status;
     pub fn kvp_backend_info_get(name: *const c_char, out_info: *mut kvp_backend_info) -> kvp_status;
+    pub fn kvp_backend_device_info_get(
+        name: *const c_char,
+        device_type: i32,
+        out_info: *mut kvp_backend_device_info,
+    ) -> kvp_status;
 
     pub fn kvp_context_create(
         options: *const kvp_context_options,
@@ -555,6 +666,7 @@ c_functions! {
     ) -> kvp_status;
     pub fn kvp_plan_destroy(plan: *mut kvp_plan);
     pub fn kvp_plan_update(plan: *mut kvp_plan, batch: *const kvp_batch) -> kvp_status;
+    pub fn kvp_plan_attach(plan: *mut kvp_plan, attention: *const kvp_attention) -> kvp_status;
 
     pub fn kvp_attention_create(
         context: *const kvp_context,
@@ -584,5 +696,54 @@ c_functions! {
         query: *const DLTensor,
         out: *mut DLTensor,
         lse: *mut DLTensor,
+    ) -> kvp_status;
+    pub fn kvp_attention_run_v2(
+        attention: *const kvp_attention,
+        plan: *const kvp_plan,
+        cache: *const kvp_kv_cache,
+        layer: i32,
+        query: *const DLTensor,
+        outputs: *const kvp_attention_outputs,
+    ) -> kvp_status;
+    pub fn kvp_attention_merge_states(context: *const kvp_context, args: *const kvp_merge_states_args) -> kvp_status;
+    pub fn kvp_attention_state_bytes(attention: *const kvp_attention, out_bytes_per_layer: *mut i64) -> kvp_status;
+
+    // Since ABI 0.5.
+    pub fn kvp_attention_cache_layout(
+        attention: *const kvp_attention,
+        block_size: i32,
+        num_tokens: i32,
+        query_pos_start: i32,
+        out_layout: *mut kvp_cache_layout,
+    ) -> kvp_status;
+    pub fn kvp_attention_ssm(
+        attention: *const kvp_attention,
+        plan: *const kvp_plan,
+        cache: *mut kvp_kv_cache,
+        layer: i32,
+        args: *const kvp_ssm_args,
+    ) -> kvp_status;
+
+    // Since ABI 0.4: communicators.
+    pub fn kvp_comm_nccl_unique_id(out_id: *mut u8) -> kvp_status;
+    pub fn kvp_comm_create(
+        context: *const kvp_context,
+        options: *const kvp_comm_options,
+        out_comm: *mut *mut kvp_comm,
+    ) -> kvp_status;
+    pub fn kvp_comm_destroy(comm: *mut kvp_comm);
+    pub fn kvp_comm_merge_attention(comm: *mut kvp_comm, rank: i32, out: *mut DLTensor, lse: *mut DLTensor) -> kvp_status;
+    pub fn kvp_comm_pending(comm: *const kvp_comm, out_num_contributed: *mut i32) -> kvp_status;
+
+    // Since ABI 0.4: Star Attention's context blocks in the prefix cache.
+    pub fn kvp_block_manager_allocate_star(
+        manager: *mut kvp_block_manager,
+        seq_id: u64,
+        token_ids: *const i32,
+        num_tokens: i64,
+        extra_key: u64,
+        layout: *const kvp_star_layout,
+        out_cached_blocks: *mut u8,
+        out_num_cached_tokens: *mut i64,
     ) -> kvp_status;
 }

@@ -3,21 +3,23 @@
 //! Two independent views of the header are compared with `kvplug_sys::abi_description` (which the
 //! declaring macros build, so it always describes exactly what Rust declares):
 //!  1. The header text: the names of every `KVP_API` function, every struct and its fields in order,
-//!     every opaque handle, every enum and its enumerators, every `KVP_ABI_VERSION_*` macro. Catches
+//!     every opaque handle, every enum and its enumerators, every `KVP_*` value macro
+//!     (`KVP_ABI_VERSION_*`, `KVP_NCCL_UNIQUE_ID_BYTES`). Catches
 //!     additions and removals on either side (an added trailing field, a new function).
 //!  2. The C compiler: a generated C program includes the header and prints sizeof/alignof of every
 //!     struct, offsetof/sizeof of every field, whether each field's C type is compatible with the
 //!     Rust type (`__builtin_types_compatible_p`), each enum's size, signedness and enumerator
-//!     values, each version macro, and whether each function's type is compatible with the Rust
+//!     values, each value macro, and whether each function's type is compatible with the Rust
 //!     signature. Catches changed types, values and layouts even where sizes happen to agree.
 //!
 //! Environment: KVPLUG_HEADER_DIR (default ../../../abi/include from this crate) holds
 //! kvplug/kvplug.h; DLPACK_INCLUDE_DIR (default /usr/include) holds dlpack/dlpack.h; CC (default cc).
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-use kvplug_sys::abi_description::{ENUMS, FUNCTIONS, OPAQUE, STRUCTS, VERSION_MACROS};
+use kvplug_sys::abi_description::{ENUMS, FUNCTIONS, MACROS, OPAQUE, STRUCTS};
 
 fn header_dir() -> PathBuf {
     match std::env::var_os("KVPLUG_HEADER_DIR") {
@@ -40,7 +42,7 @@ struct HeaderDecls {
     structs: BTreeMap<String, Vec<String>>, // name -> field names in order
     opaque: BTreeSet<String>,
     enums: BTreeMap<String, Vec<String>>, // name -> enumerator names in order
-    version_macros: BTreeSet<String>,
+    macros: BTreeSet<String>,             // every `#define KVP_*` but KVP_API
 }
 
 /// Removes /* */ and // comments (the header has no string literals containing them).
@@ -82,7 +84,7 @@ fn last_ident(s: &str) -> String {
 fn parse_header(text: &str) -> HeaderDecls {
     let text = strip_comments(text);
     let mut d = HeaderDecls::default();
-    // Preprocessor lines (with continuations) are set aside: only version macros matter there, and
+    // Preprocessor lines (with continuations) are set aside: only value macros matter there, and
     // `#define KVP_API ...` must not be mistaken for a declaration.
     let mut code = String::new();
     let mut in_directive = false;
@@ -91,8 +93,8 @@ fn parse_header(text: &str) -> HeaderDecls {
         if in_directive || t.starts_with('#') {
             if let Some(rest) = t.strip_prefix("#define") {
                 let name: String = rest.trim_start().chars().take_while(|&c| is_ident_char(c)).collect();
-                if name.starts_with("KVP_ABI_VERSION_") {
-                    d.version_macros.insert(name);
+                if name.starts_with("KVP_") && name != "KVP_API" {
+                    d.macros.insert(name);
                 }
             }
             in_directive = t.ends_with('\\');
@@ -251,8 +253,8 @@ fn generate_c(h: &HeaderDecls) -> String {
             c += &format!("  printf(\"C {name} %lld\\n\", (long long){name});\n");
         }
     }
-    for (name, _) in VERSION_MACROS {
-        if h.version_macros.contains(*name) {
+    for (name, _) in MACROS {
+        if h.macros.contains(*name) {
             c += &format!("  printf(\"V {name} %lld\\n\", (long long)({name}));\n");
         }
     }
@@ -272,9 +274,17 @@ fn generate_c(h: &HeaderDecls) -> String {
     c
 }
 
-fn run_c(source: &str) -> String {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("header_drift_{}", std::process::id()));
+/// A fresh scratch directory: tests run on parallel threads of one process.
+fn scratch_dir(what: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{what}_{}_{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run_c(source: &str, include_dir: &Path) -> String {
+    let dir = scratch_dir("header_drift");
     let src = dir.join("layout.c");
     let exe = dir.join("layout");
     std::fs::write(&src, source).unwrap();
@@ -283,7 +293,7 @@ fn run_c(source: &str) -> String {
         .arg("-std=gnu11")
         .arg("-Wall")
         .arg("-I")
-        .arg(header_dir())
+        .arg(include_dir)
         .arg("-I")
         .arg(dlpack_dir())
         .arg(&src)
@@ -294,7 +304,7 @@ fn run_c(source: &str) -> String {
     assert!(
         out.status.success(),
         "compiling the layout probe against {} failed:\n{}\n--- source ---\n{source}",
-        header_dir().display(),
+        include_dir.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     let run = Command::new(&exe).output().expect("run the layout probe");
@@ -303,9 +313,9 @@ fn run_c(source: &str) -> String {
     String::from_utf8(run.stdout).unwrap()
 }
 
-#[test]
-fn rust_declarations_match_the_header() {
-    let path = header_dir().join("kvplug/kvplug.h");
+/// Every mismatch between the Rust declarations and `include_dir/kvplug/kvplug.h`.
+fn drift(include_dir: &Path) -> Vec<String> {
+    let path = include_dir.join("kvplug/kvplug.h");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let h = parse_header(&text);
     // Guard the parser itself: an empty parse would make every comparison vacuous.
@@ -347,13 +357,13 @@ fn rust_declarations_match_the_header() {
         }
     }
 
-    let header_macros: Vec<String> = h.version_macros.iter().cloned().collect();
-    let mut rust_macros: Vec<String> = VERSION_MACROS.iter().map(|(n, _)| n.to_string()).collect();
+    let header_macros: Vec<String> = h.macros.iter().cloned().collect();
+    let mut rust_macros: Vec<String> = MACROS.iter().map(|(n, _)| n.to_string()).collect();
     rust_macros.sort();
-    compare_lists("version macro", &header_macros, &rust_macros, &mut failures);
+    compare_lists("value macro", &header_macros, &rust_macros, &mut failures);
 
     // --- 2. layouts, types and values, from the C compiler ---
-    let output = run_c(&generate_c(&h));
+    let output = run_c(&generate_c(&h), include_dir);
     let mut seen = 0usize;
     for line in output.lines() {
         let p: Vec<&str> = line.split_whitespace().collect();
@@ -408,7 +418,7 @@ fn rust_declarations_match_the_header() {
             }
             "V" => {
                 let value: i64 = p[2].parse().unwrap();
-                let rust = VERSION_MACROS.iter().find(|(n, _)| *n == p[1]).unwrap().1;
+                let rust = MACROS.iter().find(|(n, _)| *n == p[1]).unwrap().1;
                 if value != rust {
                     failures.push(format!("macro {}: C {value}, Rust {rust}", p[1]));
                 }
@@ -431,15 +441,399 @@ fn rust_declarations_match_the_header() {
     // Every declaration produced at least one line (sanity: the probe really ran over them).
     let fields: usize = STRUCTS.iter().map(|s| 1 + s.fields.len()).sum();
     let consts: usize = ENUMS.iter().map(|e| 1 + e.values.len()).sum();
-    if failures.is_empty() {
-        assert_eq!(seen, fields + consts + VERSION_MACROS.len() + FUNCTIONS.len(), "probe output:\n{output}");
+    let expected = fields + consts + MACROS.len() + FUNCTIONS.len();
+    if failures.is_empty() && seen != expected {
+        failures.push(format!("the probe printed {seen} lines, expected {expected}:\n{output}"));
     }
+    failures
+}
 
+#[test]
+fn rust_declarations_match_the_header() {
+    let failures = drift(&header_dir());
     assert!(
         failures.is_empty(),
         "kvplug-sys does not match {} ({} mismatches):\n  {}",
-        path.display(),
+        header_dir().join("kvplug/kvplug.h").display(),
         failures.len(),
         failures.join("\n  ")
     );
+}
+
+// ------------------------------------------------------------------------------------------------
+// The check itself: edited copies of the real header must each be caught, so a silent gap in the
+// parser or the probe (e.g. for the ABI 0.3 additions) fails here rather than passing vacuously.
+// ------------------------------------------------------------------------------------------------
+
+/// `text` with `from` (which must occur exactly once, so an edit never silently stops applying)
+/// replaced by `to`.
+fn edit(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "the header no longer holds exactly one {from:?}");
+    text.replacen(from, to, 1)
+}
+
+/// Writes `text` as kvplug/kvplug.h of a scratch include directory and returns its mismatches.
+fn drift_of(text: &str) -> Vec<String> {
+    let dir = scratch_dir("mutated_header");
+    std::fs::create_dir_all(dir.join("kvplug")).unwrap();
+    std::fs::write(dir.join("kvplug/kvplug.h"), text).unwrap();
+    let failures = drift(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    failures
+}
+
+#[test]
+fn abi_0_3_additions_are_declared() {
+    let text = std::fs::read_to_string(header_dir().join("kvplug/kvplug.h")).unwrap();
+    let h = parse_header(&text);
+    for f in [
+        "kvp_backend_device_info_get",
+        "kvp_plan_attach",
+        "kvp_attention_run_v2",
+        "kvp_attention_merge_states",
+        "kvp_attention_state_bytes",
+    ] {
+        assert!(h.functions.iter().any(|x| x == f), "the header parse lacks {f}");
+        assert!(FUNCTIONS.iter().any(|x| x.name == f), "kvplug-sys lacks {f}");
+    }
+    for s in ["kvp_backend_device_info", "kvp_attention_outputs", "kvp_merge_states_args"] {
+        assert!(h.structs.contains_key(s), "the header parse lacks struct {s}");
+        let rust = STRUCTS.iter().find(|x| x.name == s).unwrap_or_else(|| panic!("kvplug-sys lacks struct {s}"));
+        assert_eq!(rust.fields.first().map(|f| f.name), Some("struct_size"), "{s}");
+    }
+    assert!(kvplug_sys::KVP_ABI_VERSION_MINOR >= 3);
+}
+
+#[test]
+fn abi_0_4_additions_are_declared() {
+    let text = std::fs::read_to_string(header_dir().join("kvplug/kvplug.h")).unwrap();
+    let h = parse_header(&text);
+    for f in [
+        "kvp_comm_nccl_unique_id",
+        "kvp_comm_create",
+        "kvp_comm_destroy",
+        "kvp_comm_merge_attention",
+        "kvp_comm_pending",
+        "kvp_block_manager_allocate_star",
+    ] {
+        assert!(h.functions.iter().any(|x| x == f), "the header parse lacks {f}");
+        assert!(FUNCTIONS.iter().any(|x| x.name == f), "kvplug-sys lacks {f}");
+    }
+    for s in ["kvp_comm_options", "kvp_star_layout"] {
+        assert!(h.structs.contains_key(s), "the header parse lacks struct {s}");
+        let rust = STRUCTS.iter().find(|x| x.name == s).unwrap_or_else(|| panic!("kvplug-sys lacks struct {s}"));
+        assert_eq!(rust.fields.first().map(|f| f.name), Some("struct_size"), "{s}");
+    }
+    // kvp_batch's two trailing fields, last and in order.
+    let batch: Vec<&str> =
+        STRUCTS.iter().find(|x| x.name == "kvp_batch").unwrap().fields.iter().map(|f| f.name).collect();
+    assert_eq!(batch[batch.len() - 2..], ["context_lens", "query_pos_starts"]);
+    assert_eq!(h.structs["kvp_batch"][h.structs["kvp_batch"].len() - 2..], ["context_lens", "query_pos_starts"]);
+    // kvp_attention_outputs' trailing entropy_summary, last on both sides.
+    let outputs: Vec<&str> =
+        STRUCTS.iter().find(|x| x.name == "kvp_attention_outputs").unwrap().fields.iter().map(|f| f.name).collect();
+    assert_eq!(outputs, ["struct_size", "out", "lse", "entropy", "entropy_summary"]);
+    assert_eq!(h.structs["kvp_attention_outputs"], outputs);
+    assert!(h.opaque.contains("kvp_comm") && OPAQUE.contains(&"kvp_comm"));
+    assert!(h.enums.contains_key("kvp_comm_kind"));
+    assert!(h.macros.contains("KVP_NCCL_UNIQUE_ID_BYTES"));
+    assert_eq!(kvplug_sys::KVP_NCCL_UNIQUE_ID_BYTES, 128);
+    assert!(kvplug_sys::KVP_ABI_VERSION_MINOR >= 4);
+}
+
+#[test]
+fn abi_0_5_additions_are_declared() {
+    let text = std::fs::read_to_string(header_dir().join("kvplug/kvplug.h")).unwrap();
+    let h = parse_header(&text);
+    // In header order, right after kvp_attention_state_bytes.
+    let at = |names: &[String]| names.iter().position(|x| x == "kvp_attention_state_bytes").unwrap();
+    let rust: Vec<String> = FUNCTIONS.iter().map(|f| f.name.to_string()).collect();
+    for names in [&h.functions, &rust] {
+        let i = at(names);
+        assert_eq!(names[i + 1..i + 3], ["kvp_attention_cache_layout", "kvp_attention_ssm"]);
+    }
+    let fields = |s: &str| -> Vec<&str> {
+        STRUCTS
+            .iter()
+            .find(|x| x.name == s)
+            .unwrap_or_else(|| panic!("kvplug-sys lacks {s}"))
+            .fields
+            .iter()
+            .map(|f| f.name)
+            .collect()
+    };
+    let layout = fields("kvp_cache_layout");
+    assert_eq!(
+        layout,
+        [
+            "struct_size",
+            "seq_len",
+            "num_pages",
+            "compressed_rows",
+            "compressed_pages",
+            "stable_rows",
+            "window_first_page",
+            "window_pages"
+        ]
+    );
+    assert_eq!(h.structs["kvp_cache_layout"], layout);
+    // `in` is a Rust keyword: declared as r#in, recorded (and compared) under its C name.
+    let ssm = fields("kvp_ssm_args");
+    assert_eq!(
+        ssm,
+        ["struct_size", "which", "in", "conv_weight", "conv_bias", "dt_bias", "a_log", "d_skip", "norm_weight", "out"]
+    );
+    assert_eq!(h.structs["kvp_ssm_args"], ssm);
+    assert_eq!(kvplug_sys::strip_raw("r#in"), "in");
+    assert_eq!(kvplug_sys::strip_raw("which"), "which");
+    assert_eq!(std::mem::size_of::<kvplug_sys::kvp_cache_layout>(), 8 + 7 * 4 + 4);
+    assert_eq!(std::mem::size_of::<kvplug_sys::kvp_ssm_args>(), 8 + 8 + 8 * 8);
+    assert_eq!(std::mem::offset_of!(kvplug_sys::kvp_ssm_args, r#in), 16);
+    assert_eq!(kvplug_sys::KVP_ABI_VERSION_MINOR, 5);
+}
+
+#[test]
+fn drift_in_the_abi_0_3_additions_is_caught() {
+    let text = std::fs::read_to_string(header_dir().join("kvplug/kvplug.h")).unwrap();
+    // The unedited copy passes, so each failure below comes from its edit alone.
+    assert_eq!(drift_of(&text), Vec::<String>::new());
+    let attach = "KVP_API kvp_status kvp_plan_attach(kvp_plan* plan, const kvp_attention* attention);\n";
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "a field's type",
+            edit(&text, "int32_t supports_entropy;", "uint32_t supports_entropy;"),
+            "field kvp_backend_device_info.supports_entropy: its C type is not compatible",
+        ),
+        (
+            "a field's constness",
+            edit(&text, "const DLTensor* partial_out;", "DLTensor* partial_out;"),
+            "field kvp_merge_states_args.partial_out: its C type is not compatible",
+        ),
+        (
+            "a renamed field",
+            edit(&text, "DLTensor* entropy;  /* optional [num_tokens", "DLTensor* entropies;  /* optional [num_tokens"),
+            "field of kvp_attention_outputs: `entropies` is in the header but not declared in Rust",
+        ),
+        (
+            "an added trailing field (its name)",
+            edit(
+                &text,
+                "  DLTensor* entropy;                /* optional [T, H] float32 */\n",
+                "  DLTensor* entropy;\n  int32_t flags;\n",
+            ),
+            "field of kvp_merge_states_args: `flags` is in the header but not declared in Rust",
+        ),
+        (
+            "an added trailing field (the size)",
+            edit(
+                &text,
+                "  DLTensor* entropy;                /* optional [T, H] float32 */\n",
+                "  DLTensor* entropy;\n  int32_t flags;\n",
+            ),
+            "struct kvp_merge_states_args: C sizeof=64",
+        ),
+        (
+            "a parameter type",
+            edit(&text, "int64_t* out_bytes_per_layer);", "int32_t* out_bytes_per_layer);"),
+            "function kvp_attention_state_bytes: the header's type differs",
+        ),
+        (
+            "a parameter's constness",
+            edit(&text, "const kvp_attention_outputs* outputs);", "kvp_attention_outputs* outputs);"),
+            "function kvp_attention_run_v2: the header's type differs",
+        ),
+        ("a removed function", edit(&text, attach, ""), "`kvp_plan_attach` is declared in Rust but not in the header"),
+        (
+            "a moved function",
+            edit(
+                &edit(&text, attach, ""),
+                "#ifdef __cplusplus\n} /* extern \"C\" */",
+                &format!("{attach}#ifdef __cplusplus\n}} /* extern \"C\" */"),
+            ),
+            "function: order differs",
+        ),
+        (
+            "the minor version",
+            edit(&text, "#define KVP_ABI_VERSION_MINOR 5", "#define KVP_ABI_VERSION_MINOR 6"),
+            "macro KVP_ABI_VERSION_MINOR: C 6, Rust 5",
+        ),
+    ];
+    for (what, mutated, fragment) in cases {
+        let failures = drift_of(&mutated);
+        assert!(
+            failures.iter().any(|f| f.contains(fragment)),
+            "{what}: no failure contains {fragment:?}; got {failures:#?}"
+        );
+    }
+}
+
+#[test]
+fn drift_in_the_abi_0_4_additions_is_caught() {
+    let text = std::fs::read_to_string(header_dir().join("kvplug/kvplug.h")).unwrap();
+    assert_eq!(drift_of(&text), Vec::<String>::new());
+    let pending = "KVP_API kvp_status kvp_comm_pending(const kvp_comm* comm, int32_t* out_num_contributed);\n";
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "a field added after kvp_batch's query_pos_starts",
+            edit(
+                &text,
+                "  const int32_t* query_pos_starts; /* [num_seqs], >= 0",
+                "  const int32_t* query_pos_starts; int32_t flags; /* [num_seqs], >= 0",
+            ),
+            "field of kvp_batch: `flags` is in the header but not declared in Rust",
+        ),
+        (
+            "kvp_batch's new fields swapped",
+            edit(
+                &edit(&text, "  const int32_t* context_lens;     /*", "  const int32_t* TMP_FIELD;     /*"),
+                "  const int32_t* query_pos_starts; /*",
+                "  const int32_t* context_lens; /*",
+            )
+            .replacen("TMP_FIELD", "query_pos_starts", 1),
+            "field of kvp_batch: order differs",
+        ),
+        (
+            "a comm option's type",
+            edit(&text, "int32_t validate_each_call;", "int64_t validate_each_call;"),
+            "field kvp_comm_options.validate_each_call: C offsetof=48 sizeof=8",
+        ),
+        (
+            "the unique id's constness",
+            edit(&text, "const uint8_t* nccl_unique_id;", "uint8_t* nccl_unique_id;"),
+            "field kvp_comm_options.nccl_unique_id: its C type is not compatible",
+        ),
+        (
+            "a star layout field's width",
+            edit(&text, "int64_t context_len;        /* >= 0", "int32_t context_len;        /* >= 0"),
+            "field kvp_star_layout.context_len: C offsetof=8 sizeof=4",
+        ),
+        (
+            "a parameter of allocate_star",
+            edit(&text, "uint8_t* out_cached_blocks,", "int32_t* out_cached_blocks,"),
+            "function kvp_block_manager_allocate_star: the header's type differs",
+        ),
+        (
+            "merge_attention's lse made const",
+            edit(
+                &text,
+                "int32_t rank, DLTensor* out, DLTensor* lse);",
+                "int32_t rank, DLTensor* out, const DLTensor* lse);",
+            ),
+            "function kvp_comm_merge_attention: the header's type differs",
+        ),
+        (
+            "a removed comm function",
+            edit(&text, pending, ""),
+            "`kvp_comm_pending` is declared in Rust but not in the header",
+        ),
+        (
+            "a renumbered comm kind",
+            edit(&text, "KVP_COMM_NCCL = 2", "KVP_COMM_NCCL = 3"),
+            "constant KVP_COMM_NCCL: C 3, Rust 2",
+        ),
+        (
+            "the unique id size",
+            edit(&text, "#define KVP_NCCL_UNIQUE_ID_BYTES 128", "#define KVP_NCCL_UNIQUE_ID_BYTES 64"),
+            "macro KVP_NCCL_UNIQUE_ID_BYTES: C 64, Rust 128",
+        ),
+        (
+            "the entropy summary made const",
+            edit(&text, "DLTensor* entropy_summary;", "const DLTensor* entropy_summary;"),
+            "field kvp_attention_outputs.entropy_summary: its C type is not compatible",
+        ),
+        (
+            "the entropy summary removed (its name)",
+            edit(&text, "DLTensor* entropy_summary;", ""),
+            "field of kvp_attention_outputs: `entropy_summary` is declared in Rust but not in the header",
+        ),
+        (
+            "the entropy summary removed (the size)",
+            edit(&text, "DLTensor* entropy_summary;", ""),
+            "struct kvp_attention_outputs: C sizeof=32 alignof=8, Rust size_of=40",
+        ),
+        (
+            "a field after the entropy summary",
+            edit(&text, "DLTensor* entropy_summary;", "DLTensor* entropy_summary; DLTensor* attention_sink;"),
+            "field of kvp_attention_outputs: `attention_sink` is in the header but not declared in Rust",
+        ),
+        (
+            "the entropy summary moved before the entropy",
+            edit(
+                &edit(&text, "DLTensor* entropy_summary;", ""),
+                "  DLTensor* entropy;  /* optional [num_tokens",
+                "  DLTensor* entropy_summary; DLTensor* entropy;  /* optional [num_tokens",
+            ),
+            "field of kvp_attention_outputs: order differs",
+        ),
+        (
+            "a new macro",
+            edit(
+                &text,
+                "#define KVP_NCCL_UNIQUE_ID_BYTES 128",
+                "#define KVP_NCCL_UNIQUE_ID_BYTES 128\n#define KVP_MAX_RANKS 1024",
+            ),
+            "value macro: `KVP_MAX_RANKS` is in the header but not declared in Rust",
+        ),
+    ];
+    for (what, mutated, fragment) in cases {
+        let failures = drift_of(&mutated);
+        assert!(
+            failures.iter().any(|f| f.contains(fragment)),
+            "{what}: no failure contains {fragment:?}; got {failures:#?}"
+        );
+    }
+}
+
+#[test]
+fn drift_in_the_abi_0_5_additions_is_caught() {
+    let text = std::fs::read_to_string(header_dir().join("kvplug/kvplug.h")).unwrap();
+    assert_eq!(drift_of(&text), Vec::<String>::new());
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "a layout field's width",
+            edit(&text, "  int32_t window_pages;\n", "  int64_t window_pages;\n"),
+            "field kvp_cache_layout.window_pages: C offsetof=32 sizeof=8",
+        ),
+        (
+            "a field added to the layout",
+            edit(&text, "  int32_t window_pages;\n", "  int32_t window_pages;\n  int32_t flags;\n"),
+            "field of kvp_cache_layout: `flags` is in the header but not declared in Rust",
+        ),
+        (
+            "the SSM input renamed",
+            edit(&text, "  const DLTensor* in;\n", "  const DLTensor* input;\n"),
+            "field of kvp_ssm_args: `input` is in the header but not declared in Rust",
+        ),
+        (
+            "the SSM input made mutable",
+            edit(&text, "  const DLTensor* in;\n", "  DLTensor* in;\n"),
+            "field kvp_ssm_args.in: its C type is not compatible",
+        ),
+        (
+            "the SSM selector widened",
+            edit(&text, "  int32_t which;  /* attamba", "  int64_t which;  /* attamba"),
+            "field kvp_ssm_args.which: C offsetof=8 sizeof=8",
+        ),
+        (
+            "a parameter of cache_layout",
+            edit(
+                &text,
+                "int32_t query_pos_start, kvp_cache_layout* out_layout);",
+                "int64_t query_pos_start, kvp_cache_layout* out_layout);",
+            ),
+            "function kvp_attention_cache_layout: the header's type differs",
+        ),
+        (
+            "the SSM args made mutable",
+            edit(&text, "int32_t layer, const kvp_ssm_args* args);", "int32_t layer, kvp_ssm_args* args);"),
+            "function kvp_attention_ssm: the header's type differs",
+        ),
+    ];
+    for (what, mutated, fragment) in cases {
+        let failures = drift_of(&mutated);
+        assert!(
+            failures.iter().any(|f| f.contains(fragment)),
+            "{what}: no failure contains {fragment:?}; got {failures:#?}"
+        );
+    }
 }

@@ -140,6 +140,8 @@ fn serve(ctx: &Context, kv_dtype: KvDtype) -> Result<Row> {
             block_table: BlockTable::Dense { table: &table, stride: BLOCKS as usize },
             slot_mapping: Some(&slots),
             state_slots: None,
+            context_lens: None,
+            query_pos_starts: None,
         })?;
         row.ms += t0.elapsed().as_secs_f64() * 1e3;
 

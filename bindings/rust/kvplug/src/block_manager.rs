@@ -69,6 +69,28 @@ pub struct BlockManagerStats {
     pub num_evictions: i64,
 }
 
+/// Since ABI 0.4: where a sequence's Star Attention context lies (`kvp_star_layout`), for
+/// [`BlockManager::allocate_star`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StarLayout {
+    /// >= 0: tokens `[0, context_len)` are context.
+    pub context_len: i64,
+    /// > 0, a multiple of the manager's block size.
+    pub context_block_size: i32,
+    /// In `[1, context_block_size]`: the first `anchor_size` tokens.
+    pub anchor_size: i32,
+}
+
+/// What [`BlockManager::allocate_star`] found in the prefix cache.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StarAllocation {
+    /// One entry per block of the sequence: true if its K/V is already cached (hits need not be
+    /// leading: recompute only the Star blocks with `false`, in increasing order).
+    pub cached_blocks: Vec<bool>,
+    /// The tokens in those blocks.
+    pub num_cached_tokens: i64,
+}
+
 /// A block manager (`kvp_block_manager`). Destroyed on drop.
 ///
 /// Mutating calls take `&mut self`; the read-only queries (the header's `const kvp_block_manager*`
@@ -167,6 +189,72 @@ impl BlockManager {
         // SAFETY: NULL token_ids (rejected by the library when prefix caching is on); the optional
         // out pointer is NULL.
         check(unsafe { sys::kvp_block_manager_allocate(self.m(), seq_id, ptr::null(), num_tokens, 0, ptr::null_mut()) })
+    }
+
+    /// Since ABI 0.4: [`allocate`](Self::allocate) with Star keys for the context (`layout`): a
+    /// context block is keyed by the anchor, its own tokens and its start position, so blocks after
+    /// a changed middle block are still reused. The last token is never served from the cache; the
+    /// sequence keeps Star keys when appended to. Call [`mark_computed`](Self::mark_computed) as usual.
+    pub fn allocate_star(
+        &mut self,
+        seq_id: u64,
+        token_ids: &[i32],
+        extra_key: u64,
+        layout: &StarLayout,
+    ) -> Result<StarAllocation> {
+        let n = to_i64(token_ids.len(), "token_ids.len()")?;
+        self.allocate_star_raw(seq_id, token_ids.as_ptr(), n, extra_key, layout)
+    }
+
+    /// As [`allocate_star`](Self::allocate_star) for `num_tokens` tokens without ids (only without
+    /// prefix caching: nothing is then found cached).
+    pub fn allocate_star_tokens(
+        &mut self,
+        seq_id: u64,
+        num_tokens: i64,
+        layout: &StarLayout,
+    ) -> Result<StarAllocation> {
+        self.allocate_star_raw(seq_id, ptr::null(), num_tokens, 0, layout)
+    }
+
+    fn allocate_star_raw(
+        &mut self,
+        seq_id: u64,
+        ids: *const i32,
+        n: i64,
+        extra_key: u64,
+        layout: &StarLayout,
+    ) -> Result<StarAllocation> {
+        let mut l: sys::kvp_star_layout = sys::Zeroed::zeroed();
+        l.struct_size = std::mem::size_of::<sys::kvp_star_layout>();
+        l.context_len = layout.context_len;
+        l.context_block_size = layout.context_block_size;
+        l.anchor_size = layout.anchor_size;
+        // The library writes ceil(num_tokens / block_size) flags (header); a num_tokens it rejects
+        // writes none, so an empty buffer is enough then.
+        let num_blocks = if (1..=1i64 << 31).contains(&n) {
+            ((n + self.block_size as i64 - 1) / self.block_size as i64) as usize
+        } else {
+            0
+        };
+        let mut flags = vec![0u8; num_blocks.max(1)];
+        let mut cached = 0i64;
+        // SAFETY: `ids` is NULL or holds `n` ids (callers above); `flags` has room for every block of
+        // an accepted call; `l` is a complete struct; all outlive the call.
+        check(unsafe {
+            sys::kvp_block_manager_allocate_star(
+                self.m(),
+                seq_id,
+                ids,
+                n,
+                extra_key,
+                &l,
+                flags.as_mut_ptr(),
+                &mut cached,
+            )
+        })?;
+        flags.truncate(num_blocks);
+        Ok(StarAllocation { cached_blocks: flags.into_iter().map(|f| f != 0).collect(), num_cached_tokens: cached })
     }
 
     /// Could `num_tokens` more tokens be appended to `seq_id` now?

@@ -11,7 +11,7 @@
 //! # Ok::<(), kvplug::Error>(())
 //! ```
 //!
-//! Handles: [`Context`], [`BlockManager`], [`KvCache`], [`Plan`], [`Attention`]; each destroys its
+//! Handles: [`Context`], [`BlockManager`], [`KvCache`], [`Plan`], [`Attention`], [`Comm`]; each destroys its
 //! C handle on drop. Caches, plans and attention instances borrow their context, so none can
 //! outlive it:
 //!
@@ -38,6 +38,23 @@
 //! error; `tests/lifetimes.rs` holds the same two programs without the offending line, which build
 //! and run.)
 //!
+//! Since ABI 0.3: [`Attention::run_with`] takes an [`AttentionOutputs`] (out, optional lse and
+//! per-row entropy), [`Plan::attach`] builds an attention's step work at each `update`,
+//! [`merge_states`] combines partial states over disjoint key sets, [`Attention::state_bytes`] and
+//! [`backend_device_info`] report what a backend needs and offers per device.
+//!
+//! Since ABI 0.4: [`Batch`] takes optional `context_lens` and `query_pos_starts` (Star Attention's
+//! phases and shards; the "star" backend is registered), [`Comm`] merges the partial states of
+//! several shards ([`Comm::merge_all`] for a whole in-process round), and
+//! [`BlockManager::allocate_star`] reuses Star context blocks from the prefix cache even after a
+//! changed middle block. [`AttentionOutputs::entropy_summary`] receives a per-head summary of a
+//! run's attention entropies ([`HeadEntropy`]), and the "entropy" backend (entropy-guided
+//! attention: a temperature per query head and position) is registered.
+//!
+//! Since ABI 0.5: [`Attention::cache_layout`] ([`CacheLayout`]: where a sequence's rows live in its
+//! page list) and [`Attention::ssm`] ([`SsmArgs`]: a backend's sequence-state operator); the
+//! experimental "attamba" backend is registered.
+//!
 //! Errors are [`Error`]`{ code: `[`Status`]`, message }`, the message being `kvp_last_error()` at
 //! the failure. Thread safety follows the header: what it allows concurrently takes `&self`, the
 //! rest `&mut self`; each `Send`/`Sync` impl states its reason.
@@ -48,6 +65,7 @@
 
 mod attention;
 mod block_manager;
+mod comm;
 mod context;
 mod error;
 mod kv_cache;
@@ -58,8 +76,14 @@ use std::ffi::CStr;
 
 pub use kvplug_sys as sys;
 
-pub use attention::{config_check, Attention, AttentionOptions, Config};
-pub use block_manager::{AllocVerdict, BlockCopy, BlockManager, BlockManagerOptions, BlockManagerStats};
+pub use attention::{
+    config_check, merge_states, Attention, AttentionOptions, AttentionOutputs, CacheLayout, Config, HeadEntropy,
+    SsmArgs, ENTROPY_SUMMARY_FIELDS,
+};
+pub use block_manager::{
+    AllocVerdict, BlockCopy, BlockManager, BlockManagerOptions, BlockManagerStats, StarAllocation, StarLayout,
+};
+pub use comm::{nccl_unique_id, Comm, CommKind, CommOptions, PartialState, NCCL_UNIQUE_ID_BYTES};
 pub use context::{Context, ContextOptions, DeviceType};
 pub use error::{last_error, Error, Result, Status};
 pub use kv_cache::{KvCache, KvCacheOptions, KvDtype, KvLayout, LayerView};
@@ -154,6 +178,15 @@ impl BackendInfo {
     }
 }
 
+/// `n` entries of the library's static storage (empty for NULL or n <= 0).
+fn static_i32s(p: *const i32, n: i32) -> &'static [i32] {
+    if p.is_null() || n <= 0 {
+        return &[];
+    }
+    // SAFETY: the library's lists are static storage of n entries (header).
+    unsafe { std::slice::from_raw_parts(p, n as usize) }
+}
+
 /// Describes backend `name` (`Status::NotFound` for an unknown name).
 pub fn backend_info(name: &str) -> Result<BackendInfo> {
     let c = attention::c_name("backend_info: name", name)?;
@@ -161,12 +194,7 @@ pub fn backend_info(name: &str) -> Result<BackendInfo> {
     info.struct_size = std::mem::size_of::<sys::kvp_backend_info>();
     // SAFETY: NUL-terminated name; valid out pointer of the declared size.
     check(unsafe { sys::kvp_backend_info_get(c.as_ptr(), &mut info) })?;
-    let head_sizes: &'static [i32] = if info.head_sizes.is_null() || info.num_head_sizes <= 0 {
-        &[]
-    } else {
-        // SAFETY: static storage of num_head_sizes entries (header).
-        unsafe { std::slice::from_raw_parts(info.head_sizes, info.num_head_sizes as usize) }
-    };
+    let head_sizes = static_i32s(info.head_sizes, info.num_head_sizes);
     Ok(BackendInfo {
         name: static_str(info.name),
         dtype_mask: info.dtype_mask,
@@ -174,6 +202,57 @@ pub fn backend_info(name: &str) -> Result<BackendInfo> {
         head_sizes,
         supports_lse: info.supports_lse != 0,
         needs_state_slots: info.needs_state_slots != 0,
+    })
+}
+
+/// What a backend offers on one device type (`kvp_backend_device_info`); capabilities differ per
+/// device (the CUDA kernels take fewer head sizes than the CPU engine).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendDeviceInfo {
+    pub device: DeviceType,
+    /// Whether the backend runs on this device in this build. When false, the masks and lists are
+    /// empty.
+    pub available: bool,
+    /// Bit `1 << kvp_dtype` per cache dtype on this device.
+    pub dtype_mask: u32,
+    pub head_sizes: &'static [i32],
+    /// `AttentionOutputs::lse` can be set.
+    pub supports_lse: bool,
+    /// `AttentionOutputs::entropy` can be set.
+    pub supports_entropy: bool,
+    /// Caches need state slots of `Attention::state_bytes` per layer.
+    pub needs_state_slots: bool,
+    /// Its config table's fields may still change.
+    pub experimental: bool,
+}
+
+impl BackendDeviceInfo {
+    pub fn supports_dtype(&self, dtype: KvDtype) -> bool {
+        self.dtype_mask & (1u32 << dtype.to_raw()) != 0
+    }
+
+    pub fn supports_head_size(&self, head_size: i32) -> bool {
+        self.head_sizes.contains(&head_size)
+    }
+}
+
+/// Describes backend `name` on `device` (`Status::NotFound` for an unknown name). A device this
+/// build lacks is reported as `available: false`, not as an error.
+pub fn backend_device_info(name: &str, device: DeviceType) -> Result<BackendDeviceInfo> {
+    let c = attention::c_name("backend_device_info: name", name)?;
+    let mut info: sys::kvp_backend_device_info = sys::Zeroed::zeroed();
+    info.struct_size = std::mem::size_of::<sys::kvp_backend_device_info>();
+    // SAFETY: NUL-terminated name; valid out pointer of the declared size.
+    check(unsafe { sys::kvp_backend_device_info_get(c.as_ptr(), device.dl() as i32, &mut info) })?;
+    Ok(BackendDeviceInfo {
+        device,
+        available: info.available != 0,
+        dtype_mask: info.dtype_mask,
+        head_sizes: static_i32s(info.head_sizes, info.num_head_sizes),
+        supports_lse: info.supports_lse != 0,
+        supports_entropy: info.supports_entropy != 0,
+        needs_state_slots: info.needs_state_slots != 0,
+        experimental: info.experimental != 0,
     })
 }
 

@@ -5,6 +5,7 @@ use std::ptr::{self, NonNull};
 
 use kvplug_sys as sys;
 
+use crate::attention::Attention;
 use crate::context::Context;
 use crate::error::{check, to_i32, Error, Result};
 
@@ -40,6 +41,52 @@ pub struct Batch<'a> {
     pub slot_mapping: Option<&'a [i64]>,
     /// `[num_seqs]`: for backends with state.
     pub state_slots: Option<&'a [i32]>,
+    /// Since ABI 0.4. `[num_seqs]`, >= 0: global positions below `context_lens[b]` of sequence b
+    /// are its context, the rest its query and generated tokens (Star Attention encodes the
+    /// context in phase 1 and the rest in phase 2; other backends ignore it). `None`: no context.
+    pub context_lens: Option<&'a [i32]>,
+    /// Since ABI 0.4. `[num_seqs]`, >= 0: the global position of each sequence's first token of
+    /// this step. `None`: `seq_lens[b] - q_len_b`. Given, `seq_lens` may be shorter than the step
+    /// (a Star shard that holds only context keys).
+    pub query_pos_starts: Option<&'a [i32]>,
+}
+
+impl<'a> Batch<'a> {
+    /// A batch without slot mapping, state slots, context lengths or query positions.
+    pub fn new(block_size: i32, query_start_loc: &'a [i32], seq_lens: &'a [i32], block_table: BlockTable<'a>) -> Self {
+        Batch {
+            block_size,
+            query_start_loc,
+            seq_lens,
+            block_table,
+            slot_mapping: None,
+            state_slots: None,
+            context_lens: None,
+            query_pos_starts: None,
+        }
+    }
+
+    pub fn with_slot_mapping(mut self, slot_mapping: &'a [i64]) -> Self {
+        self.slot_mapping = Some(slot_mapping);
+        self
+    }
+
+    pub fn with_state_slots(mut self, state_slots: &'a [i32]) -> Self {
+        self.state_slots = Some(state_slots);
+        self
+    }
+
+    /// Since ABI 0.4: each sequence's context length (Star Attention's phase boundary).
+    pub fn with_context_lens(mut self, context_lens: &'a [i32]) -> Self {
+        self.context_lens = Some(context_lens);
+        self
+    }
+
+    /// Since ABI 0.4: each sequence's first global position of this step.
+    pub fn with_query_pos_starts(mut self, query_pos_starts: &'a [i32]) -> Self {
+        self.query_pos_starts = Some(query_pos_starts);
+        self
+    }
 }
 
 /// A plan (`kvp_plan`), destroyed on drop; cannot outlive its context.
@@ -107,6 +154,13 @@ fn check_lengths(b: &Batch<'_>) -> Result<()> {
             return Err(bad(format!("state_slots has {} entries for {n} sequences", s.len())));
         }
     }
+    for (name, arr) in [("context_lens", b.context_lens), ("query_pos_starts", b.query_pos_starts)] {
+        if let Some(s) = arr {
+            if s.len() != n {
+                return Err(bad(format!("{name} has {} entries for {n} sequences", s.len())));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -151,9 +205,21 @@ impl<'ctx> Plan<'ctx> {
         }
         b.slot_mapping = batch.slot_mapping.map_or(ptr::null(), |s| s.as_ptr());
         b.state_slots = batch.state_slots.map_or(ptr::null(), |s| s.as_ptr());
+        b.context_lens = batch.context_lens.map_or(ptr::null(), |s| s.as_ptr());
+        b.query_pos_starts = batch.query_pos_starts.map_or(ptr::null(), |s| s.as_ptr());
         // SAFETY: every array holds what the library reads for this batch (check_lengths); all are
         // host memory borrowed for the call only (header: "read during the call only").
         check(unsafe { sys::kvp_plan_update(self.raw.as_ptr(), &b) })
+    }
+
+    /// Attaches `attention` (of the same context) so that this and every later `update` also
+    /// builds its step work (key sets, split-KV partitions) once per step, instead of the first run
+    /// of each step doing it on the host. Attach before capturing runs in a CUDA graph. The plan
+    /// keeps what it needs: `attention` may be dropped first.
+    pub fn attach(&mut self, attention: &Attention<'_>) -> Result<()> {
+        // SAFETY: both handles are live; exclusive access to the plan (it is modified); the
+        // library checks that they share a context.
+        check(unsafe { sys::kvp_plan_attach(self.raw.as_ptr(), attention.as_raw()) })
     }
 
     pub(crate) fn raw_const(&self) -> *const sys::kvp_plan {

@@ -190,6 +190,8 @@ fn single_plan<'c>(ctx: &'c Context, n: usize, slots: &[i64]) -> Plan<'c> {
         block_table: BlockTable::Dense { table: &table, stride: table.len() },
         slot_mapping: Some(slots),
         state_slots: None,
+        context_lens: None,
+        query_pos_starts: None,
     })
     .unwrap();
     plan

@@ -187,6 +187,8 @@ impl Fixture {
             block_table: BlockTable::Dense { table, stride: table.len() },
             slot_mapping: Some(&self.slots),
             state_slots: None,
+            context_lens: None,
+            query_pos_starts: None,
         }
     }
 }

@@ -209,6 +209,8 @@ fn cache_over_caller_tensors_is_zero_copy_and_matches_an_owned_cache() {
         block_table: BlockTable::Dense { table: &table, stride: 2 },
         slot_mapping: Some(&slots),
         state_slots: None,
+        context_lens: None,
+        query_pos_starts: None,
     })
     .unwrap();
     let run = |cache: &mut KvCache<'_>| {

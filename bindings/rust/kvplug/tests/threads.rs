@@ -40,6 +40,8 @@ fn concurrent_runs_on_shared_handles_match_a_serial_run() {
         block_table: BlockTable::Dense { table: &[0, 1, 2], stride: 3 },
         slot_mapping: Some(&slots),
         state_slots: None,
+        context_lens: None,
+        query_pos_starts: None,
     })
     .unwrap();
     let k: Vec<f32> = (0..N * HK * D).map(|i| feature(i as u64, 1, 0, 0, 0, 0)).collect();

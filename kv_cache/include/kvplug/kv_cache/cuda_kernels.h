@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "kvplug/kv_cache/paged_kv_view.h"
+
 namespace kvplug::kv::cuda {
 
 // Write new K/V by slot mapping (vLLM's reshape_and_cache), converting float32/float16/bfloat16
@@ -16,9 +18,7 @@ struct KvWriteParams {
   const void* value = nullptr;
   int64_t k_stride_token = 0, k_stride_head = 0;
   int64_t v_stride_token = 0, v_stride_head = 0;
-  void* k_pages = nullptr;
-  void* v_pages = nullptr;
-  int64_t kv_stride_block = 0, kv_stride_pos = 0, kv_stride_head = 0;
+  PagedKvView pages;
   const int64_t* slot_mapping = nullptr;  // device memory
   int32_t num_tokens = 0;
   int32_t num_kv_heads = 0;

@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "kvplug/kv_cache/dtype.h"
+#include "kvplug/kv_cache/paged_kv_view.h"
 #include "kvplug/kv_cache/tensor_view.h"
 #include "kvplug/paged_memory/block_manager.h"
 
@@ -58,6 +59,11 @@ struct PagedLayer {
   void* Row(int kv, int64_t block, int64_t pos, int64_t head) const {
     const int64_t off = kv * stride_kv + block * stride_block + pos * stride_pos + head * stride_head;
     return static_cast<char*>(data) + off * static_cast<int64_t>(DTypeSize(dtype));
+  }
+  // The K and V pointers and strides, as the write path and the engines take them.
+  PagedKvView View() const {
+    return {Row(0, 0, 0, 0), Row(1, 0, 0, 0), static_cast<int32_t>(dtype), num_blocks, block_size,
+            num_kv_heads, head_size, stride_block, stride_pos, stride_head};
   }
   // The 5-d shape and strides in the given layout.
   std::array<int64_t, 5> Shape(Layout layout) const;

@@ -19,7 +19,11 @@ struct TensorView {
   std::array<int64_t, kMaxDims> shape{};
   std::array<int64_t, kMaxDims> strides{};
 
+  // An empty view is 0 however large its other extents (the ABI bounds the product of non-empty
+  // shapes only), so a zero extent is looked for before anything is multiplied.
   int64_t numel() const {
+    for (int i = 0; i < ndim; ++i)
+      if (shape[i] == 0) return 0;
     int64_t n = 1;
     for (int i = 0; i < ndim; ++i) n *= shape[i];
     return n;

@@ -30,6 +30,8 @@ struct BatchInput {
   const int32_t* kv_indices = nullptr;
   const int64_t* slot_mapping = nullptr;
   const int32_t* state_slots = nullptr;
+  const int32_t* context_lens = nullptr;      // optional [num_seqs]: positions below are context
+  const int32_t* query_pos_starts = nullptr;  // optional [num_seqs]: position of the step's first token
 };
 
 class BatchPlan {
@@ -46,6 +48,8 @@ class BatchPlan {
 
   const PlanCapacity& capacity() const { return capacity_; }
   bool empty() const { return num_seqs_ == 0; }
+  // Grows on every Update (successful or not), so per-backend step work can tell it is stale.
+  uint64_t generation() const { return generation_; }
   int32_t num_seqs() const { return num_seqs_; }
   int32_t num_tokens() const { return num_tokens_; }
   int32_t block_size() const { return block_size_; }
@@ -66,6 +70,15 @@ class BatchPlan {
     return {state_slots_.data(), has_state_slots_ ? size_t(num_seqs_) : 0};
   }
   int32_t max_state_slot() const { return max_state_slot_; }
+  // Context lengths (0 for every sequence when the batch gave none).
+  bool has_context_lens() const { return has_context_lens_; }
+  int32_t context_len(int32_t seq) const { return has_context_lens_ ? context_lens_[seq] : 0; }
+  // Whether the caller gave the step's query positions; query_pos_start(b) either way.
+  bool has_query_pos_starts() const { return has_query_pos_starts_; }
+  int32_t query_pos_start(int32_t seq) const {
+    return has_query_pos_starts_ ? query_pos_starts_[seq]
+                                 : seq_lens_[seq] - (query_start_loc_[seq + 1] - query_start_loc_[seq]);
+  }
   int32_t max_q_len() const { return max_q_len_; }
 
   // Device mirrors (nullptr without EnableDevice).
@@ -75,6 +88,8 @@ class BatchPlan {
   const int32_t* device_kv_indptr() const;
   const int32_t* device_kv_indices() const;
   const int64_t* device_slot_mapping() const;
+  const int32_t* device_token_seq() const;
+  const int32_t* device_state_slots() const;
 
  private:
   absl::Status Fill(const BatchInput& input);
@@ -85,6 +100,7 @@ class BatchPlan {
   };
 
   PlanCapacity capacity_;
+  uint64_t generation_ = 1;
   int32_t num_seqs_ = 0;
   int32_t num_tokens_ = 0;
   int32_t block_size_ = 0;
@@ -95,8 +111,12 @@ class BatchPlan {
   std::unique_ptr<DeviceMirror, DeviceMirrorDeleter> device_;
   bool has_slot_mapping_ = false;
   bool has_state_slots_ = false;
+  bool has_context_lens_ = false;
+  bool has_query_pos_starts_ = false;
   std::vector<int32_t> query_start_loc_;
   std::vector<int32_t> seq_lens_;
+  std::vector<int32_t> context_lens_;
+  std::vector<int32_t> query_pos_starts_;
   std::vector<int32_t> kv_indptr_;
   std::vector<int32_t> kv_indices_;
   std::vector<int32_t> token_seq_;

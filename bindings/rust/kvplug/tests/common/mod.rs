@@ -112,6 +112,8 @@ pub fn step(
         block_table,
         slot_mapping: Some(&slots),
         state_slots: None,
+        context_lens: None,
+        query_pos_starts: None,
     })?;
 
     let mut res = StepOut { out: vec![], lse: vec![], max_err: 0.0, max_lse_err: 0.0 };

@@ -76,6 +76,43 @@ pub fn naive_attention(
     (out, lse)
 }
 
+/// The attention entropy of each row of `naive_attention` (same arguments, same key sets): with
+/// a_j = softmax_j of the scaled (and capped) logits, H = -sum_j a_j ln a_j in nats.
+/// Returns `[q_len][num_q_heads]`.
+pub fn naive_entropy(p: &NaiveParams, seq_len: usize, q_len: usize, q: &[f64], k: &[f64]) -> Vec<f64> {
+    let d = p.head_size;
+    let group = p.num_q_heads / p.num_kv_heads;
+    assert_eq!(q.len(), q_len * p.num_q_heads * d);
+    assert_eq!(k.len(), seq_len * p.num_kv_heads * d);
+    let mut entropy = vec![0.0; q_len * p.num_q_heads];
+    for i in 0..q_len {
+        let pos = seq_len - q_len + i;
+        let lo = if p.window_left >= 0 { pos.saturating_sub(p.window_left as usize) } else { 0 };
+        for h in 0..p.num_q_heads {
+            let g = h / group;
+            let logits: Vec<f64> = (lo..=pos)
+                .map(|j| {
+                    let dot: f64 =
+                        (0..d).map(|x| q[(i * p.num_q_heads + h) * d + x] * k[(j * p.num_kv_heads + g) * d + x]).sum();
+                    let s = dot * p.sm_scale;
+                    if p.logits_soft_cap > 0.0 {
+                        p.logits_soft_cap * (s / p.logits_soft_cap).tanh()
+                    } else {
+                        s
+                    }
+                })
+                .collect();
+            let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = logits.iter().map(|s| (s - m).exp()).sum();
+            // Probabilities first, then -sum a ln a: the definition, not the lse identity the
+            // kernels use, so the two are independent.
+            let h_row: f64 = logits.iter().map(|s| (s - m).exp() / sum).filter(|&a| a > 0.0).map(|a| -a * a.ln()).sum();
+            entropy[i * p.num_q_heads + h] = h_row;
+        }
+    }
+    entropy
+}
+
 /// K, V and Q as functions of (token, position, layer, head, i): a shared prefix has the same K/V in
 /// every sequence, as a real model's would. Bit-for-bit the C demo's Feature().
 pub fn feature(token: u64, pos: i32, layer: i32, head: i32, i: i32, which: i32) -> f32 {

@@ -1,24 +1,26 @@
-// Dense paged attention on NVIDIA GPUs (sm_80 and later): FlashAttention-2 structure on mma.sync
-// tensor-core instructions, reading K/V pages through the block table with cp.async.
+// The CUDA engine's paged-attention kernel, templated on a variant (FlashAttention-2 structure on
+// mma.sync tensor-core instructions, sm_80 and later, K/V pages read through the page list with
+// cp.async). Included by one translation unit per (dtype, head size, variant) under instances/.
 //
-// One CTA computes a tile of "rows" for one KV head: row r is (query token r / G, query head
-// r % G) with G = num_q_heads / num_kv_heads, so all query heads of a KV head share each K/V load
-// (GQA packing, as FlashInfer does). K/V tiles stream through shared memory in two stages. Two
-// tile shapes: prefill (4 warps split the rows) and decode (4 warps split the keys of a tile, then
-// merge), both with optional split-KV across CTAs merged by a second kernel (flash-decoding).
+// One CTA computes one work item for one KV head: a tile of "rows" (row r is query token r / G and
+// query head r % G, G = num_q_heads / num_kv_heads, so all query heads of a KV head share each K/V
+// load: GQA packing, as FlashInfer does) over the item's key segments, pipelined across segment
+// boundaries. Two tile shapes: prefill (4 warps split the rows) and decode (4 warps split the keys of
+// a tile, then merge). Items that are one split of their rows' keys write partials that
+// MergeSplitsKernel (merge.cu) combines with the family's merge rule.
+#pragma once
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
-#include "paged_attention.h"
+#include "engine_params.h"
 
 namespace kvplug::attn::cuda {
-namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -115,54 +117,59 @@ struct Config {
   // fp8 pages stream through byte-sized stages and are widened into one K/V buffer of T per tile.
   static constexpr int kStageBytes = FP8 ? 2 * STAGES * kKvSmem : 2 * STAGES * kKvSmem * (int)sizeof(T);
   static constexpr int kKvRegionBytes = kStageBytes + (FP8 ? 2 * kKvSmem * (int)sizeof(T) : 0);
-  static constexpr int kSmemBytes = kQSmem * sizeof(T) + kKvRegionBytes;
+  // The item's segment table lives after the tiles, inside the dynamic region: a static __shared__
+  // array would shift the dynamic base off the 128-byte alignment the swizzle relies on (measured:
+  // bank-conflicted cp.async writes replayed every K/V sector to L2 twice, -17% decode).
+  static constexpr int kTableBytes = (kMaxSegmentsPerItem * (int)sizeof(KeySegment) + (3 * kMaxSegmentsPerItem + 1) * 4 + 15) / 16 * 16;
+  static constexpr int kSmemBytes = kQSmem * sizeof(T) + kKvRegionBytes + kTableBytes;
   static_assert(BLOCK_M % (WARPS_M * 16) == 0, "each warp owns whole 16-row atoms");
   static_assert(WARPS_N == 1 || kAtoms == 1, "the split-key merge assumes one atom per warp");
   static_assert(kWarpCols % 16 == 0, "P -> A fragments need 16-key steps");
   // The cross-warp merge reuses the K/V stages: [WARPS_N][16 * WARPS_M][D] floats plus stats.
-  static_assert(WARPS_N == 1 || WARPS_N * BLOCK_M * (D + 2) * 4 <= kKvRegionBytes,
+  static_assert(WARPS_N == 1 || WARPS_N * BLOCK_M * (D + 3) * 4 <= kKvRegionBytes,
                 "merge buffer must fit in the K/V stages");
 };
 
-template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES, bool FP8>
+template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES, bool FP8, KernelVariant V>
 __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
     PagedAttentionKernel(const PagedAttentionParams p) {
   using Cfg = Config<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, FP8>;
   using Tr = Traits<T>;
+  constexpr bool kGeneral = V == KernelVariant::kGeneral;
   constexpr int A = Cfg::kAtoms;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   T* q_smem = reinterpret_cast<T*>(smem_raw);
   T* kv_smem = q_smem + Cfg::kQSmem;  // [stage][K|V][BLOCK_N * D] (bytes per element with FP8)
   uint8_t* fp8_stages = reinterpret_cast<uint8_t*>(kv_smem);
   T* widened = reinterpret_cast<T*>(fp8_stages + Cfg::kStageBytes);  // FP8: [K|V][BLOCK_N * D]
+  // The item's segments, clipped to the keys its rows can see, and where each one's tiles start.
+  KeySegment* seg_s = reinterpret_cast<KeySegment*>(smem_raw + Cfg::kQSmem * sizeof(T) + Cfg::kKvRegionBytes);
+  int* seg_lo = reinterpret_cast<int*>(seg_s + kMaxSegmentsPerItem);
+  int* seg_hi = seg_lo + kMaxSegmentsPerItem;
+  int* seg_tile0 = seg_hi + kMaxSegmentsPerItem;
 
-  const int group = p.num_q_heads / p.num_kv_heads;
-  const int tiles_per_seq = (p.max_q_len * group + BLOCK_M - 1) / BLOCK_M;
-  const int seq = blockIdx.x / tiles_per_seq;
-  // Causal work grows with the tile index: launch the heavy (late) tiles first.
-  const int tile = tiles_per_seq - 1 - static_cast<int>(blockIdx.x % tiles_per_seq);
-  const int kv_head = blockIdx.y;
-  const int split = blockIdx.z;
-  if (seq >= p.num_seqs) return;
-  const int q_begin = p.qo_indptr[seq];
-  const int q_len = p.qo_indptr[seq + 1] - q_begin;
-  const int num_rows = q_len * group;
-  const int row0 = tile * BLOCK_M;
-  if (row0 >= num_rows) return;
-  const int kv_len = p.kv_lens[seq];
-  const int* pages = p.kv_indices + p.kv_indptr[seq];
-
-  // This CTA's keys: its split of [0, kv_len), cut at the causal edge of its last row and the
-  // window of its first.
-  const int chunk = ((kv_len + p.num_splits - 1) / p.num_splits + BLOCK_N - 1) / BLOCK_N * BLOCK_N;
-  int kv_begin = split * chunk;
-  const int last_row = min(row0 + BLOCK_M, num_rows) - 1;
-  const int last_pos = kv_len - q_len + last_row / group;
-  const int kv_end = min(min(kv_begin + chunk, kv_len), last_pos + 1);
-  if (p.window_left >= 0) {
-    const int first_pos = kv_len - q_len + row0 / group;
-    kv_begin = max(kv_begin, (max(0, first_pos - p.window_left) / BLOCK_N) * BLOCK_N);
+  // One linear grid over (item, KV head) in the launch's order: KV heads of one item adjacent; items
+  // of one head adjacent; or rounds of round_size items (split k of every span) with the heads inside
+  // a round, the order of a [span, head, split] grid.
+  int item_index, kv_head;
+  if (p.round_size > 0) {
+    const int per_round = p.round_size * p.num_kv_heads;
+    const int rem = blockIdx.x % per_round;
+    kv_head = rem / p.round_size;
+    item_index = (blockIdx.x / per_round) * p.round_size + rem % p.round_size;
+  } else if (p.heads_fastest) {
+    item_index = blockIdx.x / p.num_kv_heads;
+    kv_head = blockIdx.x % p.num_kv_heads;
+  } else {
+    item_index = blockIdx.x % p.num_items;
+    kv_head = blockIdx.x / p.num_items;
   }
+  const WorkItem item = p.items[item_index];
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int num_rows = item.num_tokens * group;
+  const int row0 = item.row0;
+  const int last_row = min(row0 + BLOCK_M, num_rows) - 1;
+  const int num_segs = item.seg_end - item.seg_begin;
 
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
@@ -170,19 +177,67 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
   const int g = lane / 4, t = lane % 4;
   const int warp_row0 = warp_m * 16 * A;  // first row of this warp within the tile
 
-  // Load the Q tile (rows past the sequence are zeros).
+  // Load the Q tile (rows past the span are zeros).
   for (int i = tid; i < BLOCK_M * (D / 8); i += Cfg::kThreads) {
     const int r = i / (D / 8), c = i % (D / 8);
     const int row = row0 + r;
     const bool valid = row < num_rows;
-    const int token = q_begin + (valid ? row / group : 0);
+    const int token = item.token_begin + (valid ? row / group : 0);
     const int head = kv_head * group + (valid ? row % group : 0);
     const T* src = static_cast<const T*>(p.q) + token * p.q_stride_token + head * p.q_stride_head + c * 8;
     CpAsync16(q_smem + SwizzledOffset<D>(r, c), src, valid);
   }
   CpAsyncCommit();
+  if (tid == 0) {
+    const int tile_first_pos = item.pos_begin + row0 / group;
+    const int tile_last_pos = item.pos_begin + last_row / group;
+    int tiles = 0;
+    for (int s = 0; s < num_segs; ++s) {
+      const KeySegment sg = p.segments[item.seg_begin + s];
+      long long lo = sg.key_begin, hi = sg.key_end;
+      if (!kGeneral || sg.pos_map < 0) {
+        // Contiguous positions: only keys with first_pos - lag_max <= pos <= last_pos - lag_min.
+        hi = min(hi, static_cast<long long>(tile_last_pos) - sg.lag_min - sg.pos_base + 1);
+        lo = max(lo, static_cast<long long>(tile_first_pos) - sg.lag_max - sg.pos_base);
+      }
+      if (hi < lo) hi = lo;
+      seg_s[s] = sg;
+      seg_lo[s] = static_cast<int>(lo);
+      seg_hi[s] = static_cast<int>(hi);
+      seg_tile0[s] = tiles;
+      tiles += static_cast<int>((hi - lo + BLOCK_N - 1) / BLOCK_N);
+    }
+    seg_tile0[num_segs] = tiles;
+  }
 
-  auto load_kv = [&](int stage, int start) {
+  __syncthreads();  // segment table visible
+  const int num_tiles = seg_tile0[num_segs];
+
+  // Walks the item's tiles across segment boundaries (empty segments have no tiles).
+  struct Cursor {
+    int seg, start;
+  };
+  auto first_tile = [&]() {
+    Cursor c{0, 0};
+    if (num_segs == 0) return c;
+    while (c.seg + 1 < num_segs && seg_tile0[c.seg + 1] == 0) ++c.seg;
+    c.start = seg_lo[c.seg];
+    return c;
+  };
+  auto next_tile = [&](Cursor c) {
+    c.start += BLOCK_N;
+    if (c.start >= seg_hi[c.seg]) {
+      do ++c.seg;
+      while (c.seg + 1 < num_segs && seg_tile0[c.seg + 1] == seg_tile0[c.seg]);
+      c.start = c.seg < num_segs ? seg_lo[c.seg] : 0;
+    }
+    return c;
+  };
+
+  auto load_kv = [&](int stage, Cursor at) {
+    const int start = at.start;
+    const int kv_end = seg_hi[at.seg];
+    const int* pages = p.kv_indices + seg_s[at.seg].page_offset;
     if constexpr (FP8) {
       uint8_t* k_dst = fp8_stages + stage * 2 * Cfg::kKvSmem;
       uint8_t* v_dst = k_dst + Cfg::kKvSmem;
@@ -195,11 +250,11 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
         const int page_index = p.block_shift >= 0 ? pos >> p.block_shift : pos / p.block_size;
         const int in_page = p.block_shift >= 0 ? pos & (p.block_size - 1) : pos - page_index * p.block_size;
         const int page = valid ? __ldg(pages + page_index) : 0;
-        const int64_t off = valid ? static_cast<int64_t>(page) * p.kv_stride_block + in_page * p.kv_stride_pos +
-                                        kv_head * p.kv_stride_head + c * 16
+        const int64_t off = valid ? static_cast<int64_t>(page) * p.pages.stride_block + in_page * p.pages.stride_pos +
+                                        kv_head * p.pages.stride_head + c * 16
                                   : 0;
-        CpAsync16(k_dst + r * D + c * 16, static_cast<const uint8_t*>(p.k_pages) + off, valid);
-        CpAsync16(v_dst + r * D + c * 16, static_cast<const uint8_t*>(p.v_pages) + off, valid);
+        CpAsync16(k_dst + r * D + c * 16, static_cast<const uint8_t*>(p.pages.k) + off, valid);
+        CpAsync16(v_dst + r * D + c * 16, static_cast<const uint8_t*>(p.pages.v) + off, valid);
       }
       return;
     }
@@ -216,10 +271,10 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
       const int page_index = p.block_shift >= 0 ? pos >> p.block_shift : pos / p.block_size;
       const int in_page = p.block_shift >= 0 ? pos & (p.block_size - 1) : pos - page_index * p.block_size;
       const int page = valid ? __ldg(pages + page_index) : 0;
-      const int64_t off = static_cast<int64_t>(page) * p.kv_stride_block + (valid ? in_page : 0) * p.kv_stride_pos +
-                          kv_head * p.kv_stride_head + c * 8;
-      const T* k_src = static_cast<const T*>(p.k_pages) + (valid ? off : 0);
-      const T* v_src = static_cast<const T*>(p.v_pages) + (valid ? off : 0);
+      const int64_t off = static_cast<int64_t>(page) * p.pages.stride_block + (valid ? in_page : 0) * p.pages.stride_pos +
+                          kv_head * p.pages.stride_head + c * 8;
+      const T* k_src = static_cast<const T*>(p.pages.k) + (valid ? off : 0);
+      const T* v_src = static_cast<const T*>(p.pages.v) + (valid ? off : 0);
       CpAsync16(k_dst + SwizzledOffset<D>(r, c), k_src, valid);
       CpAsync16(v_dst + SwizzledOffset<D>(r, c), v_src, valid);
     }
@@ -230,31 +285,54 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
   for (int a = 0; a < A; ++a)
 #pragma unroll
     for (int i = 0; i < Cfg::kDTiles; ++i) o_acc[a][i][0] = o_acc[a][i][1] = o_acc[a][i][2] = o_acc[a][i][3] = 0.f;
-  float row_max[A][2], row_sum[A][2];  // rows g and g + 8 of each atom; max in log2 units, sum partial
+  // Rows g and g + 8 of each atom: max in log2 units, partial sum, partial sum of p * s (entropy).
+  float row_max[A][2], row_sum[A][2], row_u[A][2];
+  float row_scale[A][2];  // kGeneral: the natural-log scale of each row's logits
   int my_pos[A][2];
 #pragma unroll
   for (int a = 0; a < A; ++a)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      const int row = row0 + warp_row0 + a * 16 + g + 8 * h;
       row_max[a][h] = kNegInf;
       row_sum[a][h] = 0.f;
-      my_pos[a][h] = kv_len - q_len + (row0 + warp_row0 + a * 16 + g + 8 * h) / group;
+      row_u[a][h] = 0.f;
+      my_pos[a][h] = item.pos_begin + row / group;
+      if constexpr (kGeneral) {
+        float sc = p.variant.sm_scale * (FP8 ? p.k_scale : 1.f);
+        if (p.variant.scale_table) {
+          const int head = kv_head * group + row % group;
+          sc *= p.variant.scale_table[static_cast<int64_t>(head) * p.variant.scale_table_len +
+                                      min(my_pos[a][h], p.variant.scale_table_len - 1)];
+        }
+        row_scale[a][h] = sc;
+      }
     }
-  const float scale_log2 = p.sm_scale * kLog2e * (FP8 ? p.k_scale : 1.f);
+  const float scale_log2 = p.variant.sm_scale * kLog2e * (FP8 ? p.k_scale : 1.f);
+  const float cap = p.variant.logits_soft_cap;
+  const int warp_first_pos = item.pos_begin + (row0 + warp_row0) / group;
+  const int warp_last_pos = item.pos_begin + (min(row0 + warp_row0 + 16 * A, num_rows) - 1) / group;
 
-  const int num_tiles = kv_end > kv_begin ? (kv_end - kv_begin + BLOCK_N - 1) / BLOCK_N : 0;
   // Prologue: STAGES - 1 tiles in flight before the first is used.
+  Cursor compute_at = first_tile(), load_at = compute_at;
 #pragma unroll
   for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < num_tiles) load_kv(st, kv_begin + st * BLOCK_N);
+    if (st < num_tiles) {
+      load_kv(st, load_at);
+      load_at = next_tile(load_at);
+    }
     CpAsyncCommit();
   }
 
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % STAGES;
-    const int start = kv_begin + it * BLOCK_N;
+    const int seg = compute_at.seg, start = compute_at.start;
+    compute_at = next_tile(compute_at);
     const int ahead = it + STAGES - 1;
-    if (ahead < num_tiles) load_kv(ahead % STAGES, kv_begin + ahead * BLOCK_N);
+    if (ahead < num_tiles) {
+      load_kv(ahead % STAGES, load_at);
+      load_at = next_tile(load_at);
+    }
     CpAsyncCommit();
     CpAsyncWait<STAGES - 1>();  // Q and this tile have landed; later ones may still fly
     __syncthreads();
@@ -309,9 +387,15 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
       }
     }
 
-    // Mask and online softmax (log2 domain). Masks are only needed on tiles that touch an edge.
-    const bool edge = start + BLOCK_N > kv_end || p.window_left >= 0 ||
-                      start + BLOCK_N - 1 > kv_len - q_len + (row0 + warp_row0) / group;
+    // Mask and online softmax (log2 domain). Masks are only needed on tiles that touch a segment's
+    // end or a row's lag bounds.
+    const int seg_end = seg_hi[seg];
+    const int pos_base = seg_s[seg].pos_base, lag_min = seg_s[seg].lag_min, lag_max = seg_s[seg].lag_max;
+    const int pos_map = kGeneral ? seg_s[seg].pos_map - seg_s[seg].key_begin : 0;
+    const bool mapped = kGeneral && seg_s[seg].pos_map >= 0;
+    const bool edge = start + BLOCK_N > seg_end || mapped ||
+                      warp_first_pos - (pos_base + start + BLOCK_N - 1) < lag_min ||
+                      static_cast<long long>(warp_last_pos) - (pos_base + start) > lag_max;
 #pragma unroll
     for (int a = 0; a < A; ++a) {
       float tile_max[2] = {kNegInf, kNegInf};
@@ -320,11 +404,21 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int h = e / 2;
-          float v = s[a][j][e] * scale_log2;
+          float v;
+          if constexpr (kGeneral) {
+            v = s[a][j][e] * row_scale[a][h];
+            if (cap > 0.f) v = cap * tanhf(v / cap);
+            v *= kLog2e;
+          } else {
+            v = s[a][j][e] * scale_log2;
+          }
           if (edge) {
             const int key = start + warp_n * Cfg::kWarpCols + j * 8 + 2 * t + (e % 2);
-            bool ok = key < kv_end && key <= my_pos[a][h];
-            if (p.window_left >= 0) ok = ok && key >= my_pos[a][h] - p.window_left;
+            bool ok = key < seg_end;
+            int key_pos = pos_base + key;
+            if (mapped) key_pos = ok ? __ldg(p.pos_map + pos_map + key) : 0;
+            const int lag = my_pos[a][h] - key_pos;
+            ok = ok && lag >= lag_min && lag <= lag_max;
             v = ok ? v : kNegInf;
           }
           s[a][j][e] = v;
@@ -341,12 +435,17 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
         correction[h] = exp2f(row_max[a][h] - safe_max);
         row_max[a][h] = new_max;
         row_sum[a][h] *= correction[h];
+        if constexpr (kGeneral) row_u[a][h] *= correction[h];
 #pragma unroll
-        for (int j = 0; j < Cfg::kNTiles; ++j) {
-          s[a][j][2 * h] = exp2f(s[a][j][2 * h] - safe_max);
-          s[a][j][2 * h + 1] = exp2f(s[a][j][2 * h + 1] - safe_max);
-          row_sum[a][h] += s[a][j][2 * h] + s[a][j][2 * h + 1];
-        }
+        for (int j = 0; j < Cfg::kNTiles; ++j)
+#pragma unroll
+          for (int e = 2 * h; e < 2 * h + 2; ++e) {
+            const float logit = s[a][j][e];
+            const float w = exp2f(logit - safe_max);
+            if constexpr (kGeneral) row_u[a][h] += w > 0.f ? w * logit : 0.f;  // masked: 0, not 0 * -inf
+            s[a][j][e] = w;
+            row_sum[a][h] += w;
+          }
       }
 #pragma unroll
       for (int i = 0; i < Cfg::kDTiles; ++i) {
@@ -394,6 +493,10 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
     for (int h = 0; h < 2; ++h) {
       row_sum[a][h] += __shfl_xor_sync(0xffffffff, row_sum[a][h], 1);
       row_sum[a][h] += __shfl_xor_sync(0xffffffff, row_sum[a][h], 2);
+      if constexpr (kGeneral) {
+        row_u[a][h] += __shfl_xor_sync(0xffffffff, row_u[a][h], 1);
+        row_u[a][h] += __shfl_xor_sync(0xffffffff, row_u[a][h], 2);
+      }
     }
 
   if constexpr (WARPS_N > 1) {
@@ -402,12 +505,14 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
     float* merge_o = reinterpret_cast<float*>(kv_smem);  // [WARPS_N][BLOCK_M][D]
     float* merge_m = merge_o + WARPS_N * BLOCK_M * D;    // [WARPS_N][BLOCK_M]
     float* merge_l = merge_m + WARPS_N * BLOCK_M;
+    float* merge_u = merge_l + WARPS_N * BLOCK_M;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = warp_row0 + g + 8 * h;
       if (t == 0) {
         merge_m[warp_n * BLOCK_M + r] = row_max[0][h];
         merge_l[warp_n * BLOCK_M + r] = row_sum[0][h];
+        if constexpr (kGeneral) merge_u[warp_n * BLOCK_M + r] = row_u[0][h];
       }
 #pragma unroll
       for (int i = 0; i < Cfg::kDTiles; ++i)
@@ -423,14 +528,16 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
 #pragma unroll
       for (int w = 0; w < WARPS_N; ++w) m = fmaxf(m, merge_m[w * BLOCK_M + r]);
       const float safe = m == kNegInf ? 0.f : m;
-      float l = 0.f, f[WARPS_N];
+      float l = 0.f, u = 0.f, f[WARPS_N];
 #pragma unroll
       for (int w = 0; w < WARPS_N; ++w) {
         f[w] = exp2f(merge_m[w * BLOCK_M + r] - safe);
         l += f[w] * merge_l[w * BLOCK_M + r];
+        if constexpr (kGeneral) u += f[w] * merge_u[w * BLOCK_M + r];
       }
       row_max[0][h] = m;
       row_sum[0][h] = l;
+      row_u[0][h] = u;
 #pragma unroll
       for (int i = 0; i < Cfg::kDTiles; ++i)
 #pragma unroll
@@ -443,162 +550,82 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
     }
   }
 
-  // Write: final (num_splits == 1) or this split's normalized partial and its LSE.
+  // Write: final (no split) or this split's normalized partial, its LSE and mean logit.
 #pragma unroll
   for (int a = 0; a < A; ++a)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = row0 + warp_row0 + a * 16 + g + 8 * h;
       if (row >= num_rows) continue;
-      const int token = q_begin + row / group;
+      const int token = item.token_begin + row / group;
       const int head = kv_head * group + row % group;
       const float sum = row_sum[a][h];
       const float inv = sum > 0.f ? (FP8 ? p.v_scale : 1.f) / sum : 0.f;
       const float lse = sum > 0.f ? row_max[a][h] * kLn2 + logf(sum) : kNegInf;
-      if (p.num_splits == 1) {
+      const float mean = sum > 0.f ? row_u[a][h] / sum * kLn2 : 0.f;  // sum_j a_j s_j, natural units
+      if (item.partial < 0) {
         T* out = static_cast<T*>(p.o) + token * p.o_stride_token + head * p.o_stride_head;
 #pragma unroll
         for (int i = 0; i < Cfg::kDTiles; ++i)
           *reinterpret_cast<uint32_t*>(out + i * 8 + 2 * t) =
               Tr::Pack(o_acc[a][i][2 * h] * inv, o_acc[a][i][2 * h + 1] * inv);
-        if (p.lse && t == 0) p.lse[token * p.lse_stride_token + head] = lse;
+        if (t == 0) {
+          if (p.lse) p.lse[token * p.lse_stride_token + head * p.lse_stride_head] = lse;
+          if constexpr (kGeneral)
+            if (p.entropy)
+              p.entropy[token * p.entropy_stride_token + head * p.entropy_stride_head] =
+                  sum > 0.f ? fmaxf(0.f, lse - mean) : 0.f;
+        }
       } else {
-        const int64_t prow = (static_cast<int64_t>(split) * p.num_tokens + token) * p.num_q_heads + head;
+        const int64_t prow = static_cast<int64_t>(item.partial + row / group) * p.num_q_heads + head;
         float* out = p.partial_o + prow * D;
 #pragma unroll
         for (int i = 0; i < Cfg::kDTiles; ++i)
           *reinterpret_cast<float2*>(out + i * 8 + 2 * t) =
               make_float2(o_acc[a][i][2 * h] * inv, o_acc[a][i][2 * h + 1] * inv);
-        if (t == 0) p.partial_lse[prow] = lse;
+        if (t == 0) {
+          p.partial_lse[prow] = lse;
+          if (p.partial_mean) p.partial_mean[prow] = mean;
+        }
       }
     }
 }
 
-// Combines the splits of each (token, head): out = sum_s exp(lse_s - lse) * o_s, lse = logsumexp.
-// The split weights are computed once into shared memory; then each thread walks the splits for
-// its columns with independent loads in flight (a long sequence can have 256 splits).
-constexpr int kMaxSplits = 256;
-
-template <typename T, int D>
-__global__ void __launch_bounds__(128) MergeSplitsKernel(const PagedAttentionParams p) {
-  __shared__ float weight[kMaxSplits];
-  __shared__ float reduce[2][4];
-  const int token = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
-  const int n = p.num_splits;
-  auto lse_of = [&](int s) { return p.partial_lse[(static_cast<int64_t>(s) * p.num_tokens + token) * p.num_q_heads + head]; };
-  float m = kNegInf;
-  for (int s = tid; s < n; s += blockDim.x) m = fmaxf(m, lse_of(s));
-  for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
-  if (tid % 32 == 0) reduce[0][tid / 32] = m;
-  __syncthreads();
-  m = fmaxf(fmaxf(reduce[0][0], reduce[0][1]), fmaxf(reduce[0][2], reduce[0][3]));
-  const float safe = m == kNegInf ? 0.f : m;
-  float sum = 0.f;
-  for (int s = tid; s < n; s += blockDim.x) {
-    const float w = __expf(lse_of(s) - safe);
-    weight[s] = w;
-    sum += w;
-  }
-  for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffff, sum, o);
-  if (tid % 32 == 0) reduce[1][tid / 32] = sum;
-  __syncthreads();
-  sum = reduce[1][0] + reduce[1][1] + reduce[1][2] + reduce[1][3];
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
-  const int64_t split_stride = static_cast<int64_t>(p.num_tokens) * p.num_q_heads * D;
-  const float* base = p.partial_o + (static_cast<int64_t>(token) * p.num_q_heads + head) * D;
-  T* out = static_cast<T*>(p.o) + token * p.o_stride_token + head * p.o_stride_head;
-  for (int d = tid; d < D; d += blockDim.x) {
-    float acc = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < n; ++s) acc += weight[s] * base[s * split_stride + d];
-    Traits<T>::Store(out + d, acc * inv);
-  }
-  if (p.lse && tid == 0) p.lse[token * p.lse_stride_token + head] = safe + logf(sum);
-}
-
-template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES, bool FP8>
-cudaError_t LaunchKernel(const PagedAttentionParams& p, cudaStream_t stream);
-
-template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES = 2>
-cudaError_t Launch(const PagedAttentionParams& p, cudaStream_t stream) {
-  if (p.kv_fp8) return LaunchKernel<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, true>(p, stream);
-  return LaunchKernel<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, false>(p, stream);
-}
-
-template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES, bool FP8>
+template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES, bool FP8, KernelVariant V>
 cudaError_t LaunchKernel(const PagedAttentionParams& p, cudaStream_t stream) {
   using Cfg = Config<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, FP8>;
-  auto kernel = PagedAttentionKernel<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, FP8>;
+  auto kernel = PagedAttentionKernel<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, FP8, V>;
   const int smem = Cfg::kSmemBytes;
-  if (smem > 48 * 1024) {
+  // The segment table is static shared memory on top of this: opt in whenever the sum can pass 48 KiB.
+  if (smem > 40 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
   }
-  const int group = p.num_q_heads / p.num_kv_heads;
-  const int tiles = (p.max_q_len * group + BLOCK_M - 1) / BLOCK_M;
-  dim3 grid(static_cast<unsigned>(p.num_seqs) * tiles, p.num_kv_heads, p.num_splits);
-  kernel<<<grid, Cfg::kThreads, smem, stream>>>(p);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess || p.num_splits == 1) return e;
-  MergeSplitsKernel<T, D><<<dim3(p.num_tokens, p.num_q_heads), 128, 0, stream>>>(p);
+  kernel<<<static_cast<unsigned>(p.num_items) * p.num_kv_heads, Cfg::kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T, int D>
-cudaError_t DispatchShape(const PagedAttentionParams& p, cudaStream_t stream) {
-  const int group = p.num_q_heads / p.num_kv_heads;
-  // Few rows per KV head (decode, short chunks): one 16-row tile, 4 warps split the keys.
-  if (p.max_q_len * group <= 16) {
-    // Three stages of 64 keys: more bytes in flight per CTA (measured on H100: +2% on average over
-    // two stages, +8% at 1 x 128k; 32-key tiles with four stages were slower).
-    return Launch<T, D, 16, 64, 1, 4, 3>(p, stream);
-  }
+template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES, KernelVariant V>
+cudaError_t LaunchFp8OrNot(const PagedAttentionParams& p, cudaStream_t stream) {
+  if (p.kv_fp8) return LaunchKernel<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, true, V>(p, stream);
+  return LaunchKernel<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, false, V>(p, stream);
+}
+
+// The tile shapes of one (dtype, head size, variant); instances/ instantiate this once each.
+template <typename T, int D, KernelVariant V>
+cudaError_t LaunchShape(const PagedAttentionParams& p, bool decode, cudaStream_t stream) {
+  static_assert(D == 256 ? PrefillTileRows(D) == 64 : PrefillTileRows(D) == 128, "planner and kernel agree");
+  // Few rows per KV head (decode, short chunks): one 16-row tile, 4 warps split the keys. Three
+  // stages of 64 keys: more bytes in flight per CTA (measured on H100: +2% on average over two
+  // stages, +8% at 1 x 128k; 32-key tiles with four stages were slower).
+  if (decode) return LaunchFp8OrNot<T, D, 16, 64, 1, 4, 3, V>(p, stream);
   // Prefill: 4 warps of 32 rows (two MMA atoms share each K/V fragment, halving shared-memory
   // traffic per FLOP); d256 keeps one atom per warp to stay within the register file.
   if constexpr (D == 256) {
-    return Launch<T, D, 64, 32, 4, 1>(p, stream);
+    return LaunchFp8OrNot<T, D, 64, 32, 4, 1, 2, V>(p, stream);
   } else {
-    return Launch<T, D, 128, 64, 4, 1>(p, stream);
+    return LaunchFp8OrNot<T, D, 128, 64, 4, 1, 2, V>(p, stream);
   }
-}
-
-template <typename T>
-cudaError_t DispatchHead(const PagedAttentionParams& p, cudaStream_t stream) {
-  switch (p.head_size) {
-    case 64: return DispatchShape<T, 64>(p, stream);
-    case 128: return DispatchShape<T, 128>(p, stream);
-    case 256: return DispatchShape<T, 256>(p, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-}  // namespace
-
-int LaunchPagedAttention(const PagedAttentionParams& p, void* stream) {
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (p.dtype == ElemType::kBF16) return DispatchHead<__nv_bfloat16>(p, s);
-  return DispatchHead<__half>(p, s);
-}
-
-int32_t ChooseNumSplits(const PagedAttentionParams& p, int32_t num_sms, int64_t workspace_rows) {
-  const int group = p.num_q_heads / p.num_kv_heads;
-  if (p.max_q_len * group > 16) return 1;  // prefill tiles already fill the GPU
-  const int64_t ctas = static_cast<int64_t>(p.num_seqs) * p.num_kv_heads;
-  // About 4 CTAs per SM in all (two full waves at the 2 CTAs per SM that shared memory allows):
-  // measured on H100 against 2, 8 and 16 per SM, it reads the most bytes per second on 3 of the 4
-  // decode shapes (more splits add per-CTA start-up and merge work; fewer leave SMs idle). Each
-  // split keeps at least 512 keys so the partials stay cheap to merge.
-  int64_t splits = (4LL * std::max(num_sms, 1) + ctas - 1) / ctas;
-  splits = std::min<int64_t>(splits, std::max(1, p.max_kv_len / 512));
-  splits = std::min<int64_t>(splits, kMaxSplits);
-  if (p.num_tokens > 0) splits = std::min<int64_t>(splits, workspace_rows / p.num_tokens);
-  return static_cast<int32_t>(std::max<int64_t>(splits, 1));
-}
-
-int32_t DeviceSmCount(int32_t device) {
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 1;
-  return n;
 }
 
 }  // namespace kvplug::attn::cuda

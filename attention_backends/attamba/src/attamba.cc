@@ -1,0 +1,239 @@
+#include "kvplug/attention/attamba/attamba.h"
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "fmt/format.h"
+#include "kvplug/attention/engine.h"
+
+namespace kvplug::attn::attamba {
+
+absl::Status RunSsmCpu(const AttambaConfig& config, const SsmShape& shape, const SsmArgs& args);  // ssm_cpu.cc
+
+namespace {
+
+absl::Status Bad(std::string msg) { return absl::InvalidArgumentError("attamba: " + std::move(msg)); }
+
+SsmShape ShapeOf(const AttambaConfig& c) {
+  return SsmShape{c.ssm_heads, c.ssm_head_dim, c.state_size, c.ssm_groups, c.conv_width};
+}
+
+}  // namespace
+
+int32_t ChunkGeometry::Offset(const AttambaConfig& c, int32_t layer_index) {
+  if (c.chunk_offsets == ChunkOffsets::kUniform) return 0;
+  return static_cast<int32_t>(std::min<int64_t>(c.chunk_size - 1, int64_t{layer_index} * (c.chunk_size / c.num_layers)));
+}
+
+absl::Status ValidateConfig(const AttambaConfig& c) {
+  if (c.chunk_size < 1 || c.chunk_size > 65536)
+    return Bad(fmt::format("chunk_size={} must be in [1, 65536]", c.chunk_size));
+  if (c.window < 0 || c.window > (1 << 20)) return Bad(fmt::format("window={} must be in [0, 2^20]", c.window));
+  if (c.num_layers < 1 || c.num_layers > 4096 || c.layer_index < 0 || c.layer_index >= c.num_layers)
+    return Bad(fmt::format("layer_index={} must be in [0, num_layers={}) and num_layers in [1, 4096]", c.layer_index,
+                           c.num_layers));
+  if (c.chunk_offsets != ChunkOffsets::kCyclic && c.chunk_offsets != ChunkOffsets::kUniform)
+    return Bad(fmt::format("chunk_offsets={} must be 0 (cyclic) or 1 (uniform)", static_cast<int32_t>(c.chunk_offsets)));
+  if (c.ssm_heads < 0 || c.ssm_heads > 4096) return Bad(fmt::format("ssm_heads={} must be in [0, 4096]", c.ssm_heads));
+  if (c.ssm_heads > 0) {
+    if (c.ssm_head_dim < 1 || c.ssm_head_dim > 4096 || int64_t{c.ssm_heads} * c.ssm_head_dim > 65536)
+      return Bad(fmt::format("ssm_head_dim={} must be in [1, 4096] with ssm_heads x ssm_head_dim <= 65536 (ssm_heads={})",
+                             c.ssm_head_dim, c.ssm_heads));
+    if (c.state_size < 1 || c.state_size > 256) return Bad(fmt::format("state_size={} must be in [1, 256]", c.state_size));
+    if (c.ssm_groups < 1 || c.ssm_heads % c.ssm_groups != 0)
+      return Bad(fmt::format("ssm_groups={} must be >= 1 and divide ssm_heads={}", c.ssm_groups, c.ssm_heads));
+    if (c.conv_width < 1 || c.conv_width > 8) return Bad(fmt::format("conv_width={} must be in [1, 8]", c.conv_width));
+    if (!(c.norm_eps > 0.0f) || !std::isfinite(c.norm_eps))
+      return Bad(fmt::format("norm_eps={} must be finite and > 0", c.norm_eps));
+  }
+  return absl::OkStatus();
+}
+
+CacheLayout Layout(const AttambaConfig& c, int32_t bs, int32_t n, int32_t p0) {
+  CacheLayout l;
+  if (n <= 0) return l;
+  int64_t most = 0, least = INT64_MAX;
+  // Offsets repeat past P distinct layers; num_layers is bounded (<= 4096).
+  for (int32_t layer = 0; layer < c.num_layers; ++layer) {
+    const ChunkGeometry g{c.chunk_size, ChunkGeometry::Offset(c, layer)};
+    const int64_t rows = g.EndsBefore(n);
+    most = std::max(most, rows);
+    least = std::min(least, rows);
+  }
+  l.compressed_rows = static_cast<int32_t>(most);
+  l.stable_rows = static_cast<int32_t>(least);
+  l.compressed_pages = static_cast<int32_t>((most + bs - 1) / bs);
+  l.window_first_page = std::max(0, p0 - c.window) / bs;
+  l.window_pages = (n - 1) / bs + 1 - l.window_first_page;
+  l.num_pages = l.compressed_pages + l.window_pages;
+  l.seq_len = l.compressed_pages * bs + (n - l.window_first_page * bs);
+  return l;
+}
+
+namespace {
+
+// The step's positions of sequence b and its layout, checked against the batch.
+struct SeqStep {
+  int32_t p0 = 0, n = 0, page = 0;
+  CacheLayout layout;
+};
+
+absl::Status ReadStep(const AttambaConfig& c, const BatchPlan& plan, int32_t b, SeqStep* out) {
+  if (!plan.has_query_pos_starts())
+    return Bad("kvp_batch.query_pos_starts is required (each sequence's first position in the step; seq_lens "
+               "holds the rows of its compressed page list, kvp_cache_layout)");
+  const int32_t q = plan.query_start_loc()[b + 1] - plan.query_start_loc()[b];
+  out->p0 = plan.query_pos_start(b);
+  out->n = out->p0 + q;
+  out->page = plan.kv_indptr()[b];
+  out->layout = Layout(c, plan.block_size(), out->n, out->p0);
+  if (plan.seq_lens()[b] != out->layout.seq_len)
+    return Bad(fmt::format("sequence {}: positions [{}, {}) with block_size {} need seq_lens = {} ({} compressed "
+                           "pages for {} chunk-end rows, then {} window pages from token page {}), got {}",
+                           b, out->p0, out->n, plan.block_size(), out->layout.seq_len, out->layout.compressed_pages,
+                           out->layout.compressed_rows, out->layout.window_pages, out->layout.window_first_page,
+                           plan.seq_lens()[b]));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+class AttambaPlanner final : public KeySetPlanner {
+ public:
+  explicit AttambaPlanner(const AttambaConfig& c)
+      : config_(c), geometry_{c.chunk_size, ChunkGeometry::Offset(c, c.layer_index)} {}
+
+  std::string Key() const override {
+    return fmt::format("attamba/P{}/L{}/o{}/n{}/m{}", config_.chunk_size, config_.window, geometry_.offset,
+                       config_.num_layers, static_cast<int32_t>(config_.chunk_offsets));
+  }
+  KeySetBounds Bounds(const PlanCapacity& c) const override {
+    // A span ends where the visible compressed prefix grows (at most once per chunk end crossed,
+    // i.e. per token when P = 1) or where its sequence ends.
+    const int64_t spans = int64_t{c.max_num_tokens} + 2 * int64_t{c.max_num_seqs};
+    return {spans, 2 * spans, 0, 2};
+  }
+
+  absl::Status Build(const BatchPlan& plan, KeySets* out) const override {
+    out->Clear();
+    const auto qsl = plan.query_start_loc();
+    const int32_t bs = plan.block_size(), L = config_.window;
+    for (int32_t b = 0; b < plan.num_seqs(); ++b) {
+      if (qsl[b + 1] == qsl[b]) continue;
+      SeqStep st;
+      if (absl::Status s = ReadStep(config_, plan, b, &st); !s.ok()) return s;
+      // Window key j (from the sequence's first page) is at position window_base + j.
+      const int32_t window_rows0 = st.layout.compressed_pages * bs;
+      const int32_t window_base = st.layout.window_first_page * bs - window_rows0;
+      for (int32_t t = st.p0; t < st.n;) {
+        // Chunk ends before t - L are seen through the compressed rows (all of them: no mask); the
+        // prefix grows when t - L - 1 reaches the next chunk end.
+        const int64_t visible = geometry_.EndsBefore(int64_t{t} - L);
+        const int64_t grows_at = geometry_.NextEnd(int64_t{t} - L) + L + 1;
+        const int32_t e = static_cast<int32_t>(std::min<int64_t>(st.n, grows_at));
+        KeySegment segs[2];
+        int32_t num = 0;
+        if (visible > 0)
+          segs[num++] = KeySegment{st.page, 0, static_cast<int32_t>(visible), 0, -1, 0, kUnboundedLag};
+        const int32_t lo = std::max(0, t - L);
+        segs[num++] = KeySegment{st.page, lo - window_base, e - window_base, window_base, -1, 0, L};
+        const QuerySpan span{b, qsl[b] + (t - st.p0), qsl[b] + (e - st.p0), t, 0, 0};
+        if (!out->AddSpan(span, {segs, size_t(num)})) return absl::InternalError("attamba planner: key set bounds exceeded");
+        t = e;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  AttambaConfig config_;
+  ChunkGeometry geometry_;
+};
+
+namespace {
+
+class Attamba final : public VariantBackend {
+ public:
+  Attamba(const HeadConfig& heads, const AttambaConfig& config, Device device)
+      : VariantBackend(heads, device, std::make_shared<AttambaPlanner>(config)),
+        config_(config),
+        geometry_{config.chunk_size, ChunkGeometry::Offset(config, config.layer_index)} {}
+
+  CacheLayout Layout(int32_t block_size, int32_t num_tokens, int32_t query_pos_start) const override {
+    return attamba::Layout(config_, block_size, num_tokens, query_pos_start);
+  }
+
+  int64_t state_bytes_per_layer() const override {
+    return config_.ssm_heads > 0 ? 2 * ShapeOf(config_).state_floats() * 4 : 0;
+  }
+
+  absl::Status WriteKv(const WriteArgs& a) const override {
+    if (a.cache.device() != Device::kCpu)
+      return absl::UnimplementedError("attamba: the compressed write runs on the CPU only in this build");
+    const BatchPlan& plan = a.plan;
+    const auto qsl = plan.query_start_loc();
+    const auto slots = plan.slot_mapping();
+    const auto indices = plan.kv_indices();
+    const int32_t bs = plan.block_size();
+    // Every token's slots are derived from the page list and checked before anything is written.
+    static thread_local std::vector<int64_t> compressed;
+    compressed.assign(size_t(plan.num_tokens()), -1);
+    for (int32_t b = 0; b < plan.num_seqs(); ++b) {
+      if (qsl[b + 1] == qsl[b]) continue;
+      SeqStep st;
+      if (absl::Status s = ReadStep(config_, plan, b, &st); !s.ok()) return s;
+      const int32_t cached_rows = plan.context_len(b);
+      for (int32_t t = qsl[b]; t < qsl[b + 1]; ++t) {
+        const int32_t p = st.p0 + (t - qsl[b]);
+        const int64_t window_slot =
+            int64_t{indices[st.page + st.layout.compressed_pages + p / bs - st.layout.window_first_page]} * bs + p % bs;
+        if (slots[t] != -1 && slots[t] != window_slot)
+          return Bad(fmt::format("slot_mapping[{}]={}: token {} of sequence {} (position {}) has window slot {} "
+                                 "(page list entry {} + {}), or -1 to store nothing", t, slots[t], t - qsl[b], b, p,
+                                 window_slot, st.layout.compressed_pages + p / bs - st.layout.window_first_page,
+                                 p % bs));
+        if (geometry_.IsChunkEnd(p)) {
+          const int64_t row = geometry_.EndsBefore(p);
+          if (row >= cached_rows) compressed[t] = int64_t{indices[st.page + row / bs]} * bs + row % bs;
+        }
+      }
+    }
+    if (absl::Status s = a.cache.Write(a.layer, a.key, a.value, slots, nullptr, nullptr); !s.ok()) return s;
+    return a.cache.Write(a.layer, a.key, a.value, compressed, nullptr, nullptr);
+  }
+
+  absl::Status RunSsm(const SsmArgs& a) const override {
+    if (config_.ssm_heads == 0)
+      return absl::FailedPreconditionError(
+          "attamba: the config has ssm_heads = 0 (the engine runs its own SSM); set ssm_heads, ssm_head_dim, "
+          "state_size, ssm_groups and conv_width to run it here");
+    if (a.cache.device() != Device::kCpu)
+      return absl::UnimplementedError("attamba: the SSM runs on the CPU only in this build");
+    return RunSsmCpu(config_, ShapeOf(config_), a);
+  }
+
+ private:
+  AttambaConfig config_;
+  ChunkGeometry geometry_;
+};
+
+}  // namespace
+
+BackendInfo Info() {
+  BackendInfo info = FamilyBackendInfo("attamba");
+  info.cuda = DeviceCaps{};  // the compressed write and the SSM are CPU-only so far
+  info.needs_state_slots = true;
+  info.experimental = true;
+  info.create = [](const HeadConfig& heads, const BackendConfig& config,
+                   const ExecContext& exec) -> absl::StatusOr<std::unique_ptr<AttentionBackend>> {
+    auto parsed = ConfigOrDefault<AttambaConfig>(config, "attamba", "AttambaConfig");
+    if (!parsed.ok()) return parsed.status();
+    if (absl::Status s = ValidateConfig(*parsed); !s.ok()) return s;
+    return std::make_unique<Attamba>(heads, *parsed, exec.device);
+  };
+  return info;
+}
+
+}  // namespace kvplug::attn::attamba

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# On a GPU machine: the research backends' GPU checks and benchmarks (Star, entropy), peers in the
+# same job.
+#   bench/run_backends_gpu.sh STAGE OUT tests   the GPU tests (variant family incl. the Star planner,
+#                                            communicators incl. NCCL with one rank, dense through the
+#                                            ABI), compute-sanitizer memcheck/racecheck over the Star
+#                                            and comm tests, and the demo (a star row on the GPU)
+#   bench/run_backends_gpu.sh STAGE OUT bench   bench/star_bench.py, ../shared/tools/star-peers.py,
+#                                               bench/entropy_bench.py, bench/kv_shift_bench.py
+# STAGE (bench/stage_gpu.sh) holds lib/ (libkvplug.so and the non-system libraries), the test
+# binaries, the demo and a copy of ../shared/tools/star-peers.py.
+set -uo pipefail
+stage=${1:-.gpu}; out=${2:-${OUT:-/tmp/kvplug-gpu}}; what=${3:-tests}
+mkdir -p "$out"
+export LD_LIBRARY_PATH=$PWD/$stage/lib:${LD_LIBRARY_PATH:-}
+export KVP_LIBRARY=$PWD/$stage/lib/libkvplug.so
+export NCCL_NVLS_ENABLE=0
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
+if [ "$what" = tests ]; then
+  rc=0
+  for t in variant_gpu_test comm_gpu_test kv_shift_gpu_test dense_gpu_test; do
+    [ -x "$stage/$t" ] || { echo "missing $t"; rc=1; continue; }
+    echo "== $t"
+    "$stage/$t" > "$out/$t.log" 2>&1; r=$?; rc=$((rc | r))
+    grep -E "^\[  (PASSED|FAILED|SKIPPED)|Failure|star" "$out/$t.log" | tail -25
+  done
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer $tool (Star planner, entropy, communicators)"
+    KVP_GPU_TRIALS=1 compute-sanitizer --tool $tool --error-exitcode 9 "$stage/variant_gpu_test" \
+      --gtest_filter='*Star*:*Entropy*' > "$out/sanitizer_${tool}_star.log" 2>&1
+    echo "variant(star) rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_${tool}_star.log" | tail -1)"
+    compute-sanitizer --tool $tool --error-exitcode 9 "$stage/comm_gpu_test" > "$out/sanitizer_${tool}_comm.log" 2>&1
+    echo "comm rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_${tool}_comm.log" | tail -1)"
+  done
+  if [ -x "$stage/kvplug-demo" ]; then
+    echo "== demo"; "$stage/kvplug-demo" "$KVP_LIBRARY" > "$out/demo.txt" 2>&1; echo "demo rc=$?"; grep -E "^(dense|star|entropy|kv_shift) " "$out/demo.txt"
+  fi
+  echo "tests rc=$rc"
+else
+  echo "== star_bench"; python3 bench/star_bench.py --lib "$KVP_LIBRARY" --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/star_bench.log" | tail -20
+  echo "== entropy_bench"; python3 bench/entropy_bench.py --lib "$KVP_LIBRARY" --out "$out" 2>&1 | tee "$out/entropy_bench.log" | tail -10
+  echo "== kv_shift_bench"; python3 bench/kv_shift_bench.py --lib "$KVP_LIBRARY" --out "$out" 2>&1 | tee "$out/kv_shift_bench.log" | tail -10
+  echo "== star-peers"; python3 "${PEERS:-$stage/star-peers.py}" 32768 65536 131072 2>&1 | tee "$out/star_peers.log" | tail -20
+fi
