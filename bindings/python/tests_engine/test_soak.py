@@ -8,7 +8,13 @@ host block, sequence or state slot is left behind; the stats add up.
 
 CI size: KVP_SOAK_REQUESTS (default 200). Full size: KVP_SOAK_REQUESTS=1000, or
 ``python bench/engine_soak.py`` (the same run, its figures as JSON). New backends join
-``soak_layers``."""
+``soak_layers``.
+
+Attamba runs in a variant of its own (``attamba=True``: the windowed dense layer becomes an attamba
+layer; KVP_SOAK_ATTAMBA_REQUESTS, default 40; ``bench/engine_soak.py --attamba``): an attamba layer
+turns prefix caching off and makes preemption recompute for the whole model (see
+kvplug/engine/attamba.py), which would take swaps and prefix hits out of the main soak. Its pool of
+attamba pages is small too, so both pools preempt; the checks are the same, less swaps and hits."""
 from __future__ import annotations
 
 import math
@@ -21,9 +27,14 @@ import torch
 
 from engine_helpers import dense, tiny_model
 from kvplug.engine import EngineConfig, LLMEngine, ModelConfig, RequestOutput, SamplingParams
-from kvplug.engine.config import entropy_spec, kv_shift_spec, star_spec
+from kvplug.engine.config import attamba_spec, entropy_spec, kv_shift_spec, star_spec
 
 NUM_REQUESTS = int(os.environ.get("KVP_SOAK_REQUESTS", "200"))
+ATTAMBA_REQUESTS = int(os.environ.get("KVP_SOAK_ATTAMBA_REQUESTS", "40"))
+#: The attamba variant's layer: chunks of 8, a window of 16; its pool of attamba pages (a request
+#: needs up to 13: 2 compressed + 11 window pages of a 64-token step; a decode needs 2 + 3).
+ATTAMBA_CHUNK_WINDOW = (8, 16)
+ATTAMBA_PAGES = 24
 SEED = int(os.environ.get("KVP_SOAK_SEED", "15"))
 BLOCK = 8
 SYSTEM_LEN = 24
@@ -32,9 +43,10 @@ SYSTEM_LEN = 24
 NEAR_TIE = 1e-4
 
 
-def soak_layers(seed: int) -> List[Dict[str, Any]]:
+def soak_layers(seed: int, attamba: bool = False) -> List[Dict[str, Any]]:
     """One layer per backend (and window); Star on two layers with small blocks, so the model has
-    Star on some layers only (chained prefix keys, the context length as extra key)."""
+    Star on some layers only (chained prefix keys, the context length as extra key). ``attamba``:
+    layer 3 (dense with a window) becomes attamba (ATTAMBA_CHUNK_WINDOW)."""
     rng = random.Random(seed)
     heads, kv_heads, positions = 4, 2, 16
 
@@ -52,14 +64,15 @@ def soak_layers(seed: int) -> List[Dict[str, Any]]:
         {"backend": "dense", "config": dense()},
         spec(kv_shift_spec(alphas(), alphas())),
         spec(star_spec(16, 8)),
-        {"backend": "dense", "config": dense(window_left=20)},
+        spec(attamba_spec(*ATTAMBA_CHUNK_WINDOW, ssm_heads=2, ssm_head_dim=16, state_size=8)) if attamba
+        else {"backend": "dense", "config": dense(window_left=20)},
         spec(entropy_spec(table())),
         spec(star_spec(8, 8)),
     ]
 
 
-def soak_model(seed: int = SEED) -> ModelConfig:
-    layers = soak_layers(seed)
+def soak_model(seed: int = SEED, attamba: bool = False) -> ModelConfig:
+    layers = soak_layers(seed, attamba)
     return ModelConfig.from_dict(tiny_model(num_hidden_layers=len(layers), weights={"seed": seed},
                                             attention={"layers": layers}))
 
@@ -122,19 +135,21 @@ def check_state_slots(engine: LLMEngine) -> None:
     assert slots == list(range(n)), f"state slots {slots} of {n}: some were still held"
 
 
-def run_soak(n: int = NUM_REQUESTS, seed: int = SEED, abort_rate: float = 0.06) -> Dict[str, Any]:
-    """The soak run and its checks (AssertionError on a failure); returns its figures."""
-    mc = soak_model(seed)
+def run_soak(n: int = NUM_REQUESTS, seed: int = SEED, abort_rate: float = 0.06,
+             attamba: bool = False) -> Dict[str, Any]:
+    """The soak run and its checks (AssertionError on a failure); returns its figures. ``attamba``:
+    the variant with an attamba layer (recompute only, no prefix hits)."""
+    mc = soak_model(seed, attamba)
     work = workload(n, seed)
     t0 = time.perf_counter()
     alone = solo_runs(mc, work)
     t_solo = time.perf_counter() - t0
 
-    ec = soak_config(entropy_telemetry=True)
+    ec = soak_config(entropy_telemetry=True, **({"attamba_num_blocks": ATTAMBA_PAGES} if attamba else {}))
     engine = LLMEngine(mc, ec)
     start = engine.bm.stats()
     need = sum(ec.blocks_for(len(p) + sp.max_tokens) for p, sp, _ in work)
-    assert need > 10 * ec.num_device_blocks  # the pool holds a small fraction of the work at once
+    assert need > (5 if attamba else 10) * ec.num_device_blocks  # the pool holds a small fraction of the work
 
     rng = random.Random(seed + 1)
     ids: Dict[str, int] = {}
@@ -192,7 +207,12 @@ def run_soak(n: int = NUM_REQUESTS, seed: int = SEED, abort_rate: float = 0.06) 
     assert st["num_finished"] == len(finished) and st["num_aborted"] == len(aborted) and st["num_rejected"] == 0
     assert st["num_finished"] + st["num_aborted"] == n
     assert st["num_preemptions"] == st["num_swap_outs"] + st["num_recomputes"]
-    assert st["num_swap_outs"] > 0 and st["num_recomputes"] > 0  # both kinds of preemption
+    if attamba:  # swap falls back to recompute; both pools preempt; prefix caching is off
+        assert st["num_swap_outs"] == 0 and st["num_recomputes"] > 0 and st["num_attamba_preemptions"] > 0
+        assert st["attamba_layers"] == 1 and not st["prefix_caching"] and st["bm_prefix_queried_blocks"] == 0
+        assert st["attamba_peak_used_pages"] >= ATTAMBA_PAGES - 2
+    else:
+        assert st["num_swap_outs"] > 0 and st["num_recomputes"] > 0  # both kinds of preemption
     # Every swap-out came back in, except those of requests aborted while swapped.
     assert st["num_swap_outs"] - aborted_in["swapped"] <= st["num_swap_ins"] <= st["num_swap_outs"]
     assert st["num_aborted"] > 0 and aborted_in["running"] > 0
@@ -224,6 +244,7 @@ def run_soak(n: int = NUM_REQUESTS, seed: int = SEED, abort_rate: float = 0.06) 
             "max_batch_seqs", "peak_used_blocks", "peak_running", "bm_prefix_hit_blocks", "bm_prefix_queried_blocks",
             "cached_tokens_admitted", "prompt_tokens_admitted", "num_state_refills", "num_generated_tokens",
             "star_context_blocks_encoded", "star_anchor_reuse_blocks", "bm_num_evictions")
+    keys += ("num_attamba_preemptions", "attamba_num_blocks", "attamba_peak_used_pages") if attamba else ()
     return {"requests": n, "seed": seed, "steps": steps, "blocks_needed": need,
             "device_blocks": ec.num_device_blocks, "host_blocks": ec.num_host_blocks,
             "layers": [s.backend + ("(window)" if s.backend == "dense" and (s.config or {}).get("backend_config", {})
@@ -235,3 +256,8 @@ def run_soak(n: int = NUM_REQUESTS, seed: int = SEED, abort_rate: float = 0.06) 
 def test_soak_every_backend_through_a_small_pool() -> None:
     figures = run_soak()
     print("soak:", figures)
+
+
+def test_soak_with_an_attamba_layer() -> None:
+    figures = run_soak(ATTAMBA_REQUESTS, attamba=True)
+    print("soak (attamba):", figures)

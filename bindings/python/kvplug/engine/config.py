@@ -26,7 +26,12 @@ or the flat list; its length is checked against the head count per layer. A ``"k
 ``KvShiftConfig`` (KV shifting attention: per KV head, K^_i = a1 K_i + a2 K_{i-1}, V likewise, before
 RoPE) gives ``alpha_k`` and ``alpha_v`` as ``[num_key_value_heads][2]`` tables or flat lists; the
 engine fills its RoPE fields from the model (``rope_theta``, the whole head, NeoX), since the
-backend rotates the mixed keys in its write and the model hands it pre-RoPE keys.
+backend rotates the mixed keys in its write and the model hands it pre-RoPE keys. An ``"attamba"``
+layer's ``AttambaConfig`` (Attamba: K = x + SSM_k(x), V = x + SSM_v(x) from chunk-local Mamba-2
+blocks, attention over chunk-end K/V plus a recent window) gives ``chunk_size``, ``window``,
+``chunk_offsets`` and the SSM shape (``ssm_heads`` > 0, ``ssm_head_dim``, ``state_size``,
+``ssm_groups``, ``conv_width``, ``norm_eps``); the engine fills ``layer_index`` and ``num_layers``
+(the layer's rank among the model's attamba layers, and their count: they share one page list).
 
 :func:`ModelConfig.from_dict` resolves every layer's backend against the loaded library and
 checks its config (``kvplug.check_config``), head size and cache dtype, so an unknown backend or a
@@ -52,9 +57,15 @@ ENTROPY = "entropy"
 #: KV shifting attention (arXiv 2411.19574): libkvplug's "kv_shift" backend, a KvShiftConfig
 #: (per KV head weights of the current and the previous token's K and V) per layer.
 KV_SHIFT = "kv_shift"
+#: Attamba (arXiv 2411.17685): libkvplug's "attamba" backend, an AttambaConfig per layer; its layers
+#: keep their compressed cache in pages of their own (:mod:`.attamba`).
+ATTAMBA = "attamba"
 #: Backends that keep per-sequence state whose rules the engine follows (state slots in every batch,
-#: the refill after a prefix-cache hit: see :mod:`.scheduler`); other stateful ones are refused.
-STATEFUL_BACKENDS = frozenset({KV_SHIFT})
+#: the refill after a prefix-cache hit: see :mod:`.scheduler`; attamba: :mod:`.attamba`); other
+#: stateful ones are refused.
+STATEFUL_BACKENDS = frozenset({KV_SHIFT, ATTAMBA})
+#: AttambaConfig fields the engine fills per layer (from the layer's rank among the attamba layers).
+_ATTAMBA_ENGINE_FIELDS = ("layer_index", "num_layers")
 
 
 def star_spec(context_block_size: int, anchor_block_size: Optional[int] = None) -> "AttentionSpec":
@@ -79,6 +90,54 @@ def kv_shift_spec(alpha_k: Any, alpha_v: Any) -> "AttentionSpec":
     cfg = kvplug.kv_shift_config(alpha_k, alpha_v)
     inner = {k: cfg["backend_config"][k] for k in ("alpha_k", "alpha_v")}
     return AttentionSpec(backend=KV_SHIFT, config={"backend_config_type": "KvShiftConfig", "backend_config": inner})
+
+
+def attamba_spec(chunk_size: int, window: int = 0, *, ssm_heads: int, ssm_head_dim: int, state_size: int = 16,
+                 ssm_groups: int = 1, conv_width: int = 4, chunk_offsets: str = "cyclic",
+                 norm_eps: float = 1e-5) -> "AttentionSpec":
+    """A layer running Attamba: K = x + SSM_k(x) and V = x + SSM_v(x) from two chunk-local Mamba-2
+    blocks of ``ssm_heads`` x ``ssm_head_dim`` (state ``state_size``, ``ssm_groups`` B/C groups, a
+    causal conv of ``conv_width``), attention over the chunk ends (every ``chunk_size`` tokens,
+    ``chunk_offsets`` "cyclic" or "uniform" across the attamba layers) and the last ``window``
+    tokens. The engine fills layer_index and num_layers."""
+    cfg = kvplug.attamba_config(chunk_size, window, state_size=state_size, conv_width=conv_width,
+                                chunk_offsets=chunk_offsets, ssm_heads=ssm_heads, ssm_head_dim=ssm_head_dim,
+                                ssm_groups=ssm_groups, norm_eps=norm_eps)
+    inner = {k: v for k, v in cfg["backend_config"].items() if k not in _ATTAMBA_ENGINE_FIELDS}
+    return AttentionSpec(backend=ATTAMBA, config={"backend_config_type": "AttambaConfig", "backend_config": inner})
+
+
+@dataclasses.dataclass(frozen=True)
+class AttambaParams:
+    """An AttambaConfig's values with the schema's defaults (what the model and the page pool need)."""
+
+    chunk_size: int
+    window: int
+    chunk_offsets: str  # "Cyclic" or "Uniform"
+    ssm_heads: int
+    ssm_head_dim: int
+    state_size: int
+    ssm_groups: int
+    conv_width: int
+    norm_eps: float
+
+    @property
+    def d_inner(self) -> int:
+        return self.ssm_heads * self.ssm_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.ssm_groups * self.state_size
+
+    @property
+    def in_dim(self) -> int:
+        """in_proj's output per token: [z: d_inner][xBC: conv_dim][dt: ssm_heads]."""
+        return self.d_inner + self.conv_dim + self.ssm_heads
+
+    @property
+    def page_layout_key(self) -> Tuple[int, int, str]:
+        """What the layers sharing one page list must agree on."""
+        return (self.chunk_size, self.window, self.chunk_offsets)
 
 
 def parse_temperatures(text: str, num_heads: int, what: str = "--entropy-temperature") -> List[float]:
@@ -146,6 +205,10 @@ class AttentionSpec:
         return self.backend == KV_SHIFT
 
     @property
+    def is_attamba(self) -> bool:
+        return self.backend == ATTAMBA
+
+    @property
     def fuses_key_rope(self) -> bool:
         """The backend rotates keys in its write: the model hands it pre-RoPE keys (queries are
         rotated by the model as for every layer)."""
@@ -156,11 +219,26 @@ class AttentionSpec:
         cfg = (self.config or {}).get("backend_config") or {}
         return [float(x) for x in cfg.get("alpha_k") or []], [float(x) for x in cfg.get("alpha_v") or []]
 
-    def library_config(self, model: "ModelConfig") -> Optional[Dict[str, Any]]:
+    def attamba_params(self) -> AttambaParams:
+        """An AttambaConfig's values, the schema's defaults where absent."""
+        cfg = (self.config or {}).get("backend_config") or {}
+        offsets = cfg.get("chunk_offsets", "Cyclic")
+        offsets = {0: "Cyclic", 1: "Uniform"}.get(offsets, offsets) if isinstance(offsets, int) else str(offsets)
+        return AttambaParams(chunk_size=int(cfg.get("chunk_size", 8)), window=int(cfg.get("window", 0)),
+                             chunk_offsets=offsets, ssm_heads=int(cfg.get("ssm_heads", 0)),
+                             ssm_head_dim=int(cfg.get("ssm_head_dim", 0)), state_size=int(cfg.get("state_size", 16)),
+                             ssm_groups=int(cfg.get("ssm_groups", 1)), conv_width=int(cfg.get("conv_width", 4)),
+                             norm_eps=float(cfg.get("norm_eps", 1e-5)))
+
+    def library_config(self, model: "ModelConfig", layer: Optional[int] = None) -> Optional[Dict[str, Any]]:
         """The config handed to libkvplug: this one, except that a kv_shift layer gets the model's
         RoPE (rope_theta, rotary_dim 0 = the whole head, NeoX: transformers' rotate-half) so the
-        backend rotates the mixed keys as the model rotates its queries. EngineConfigError if the
-        config asks for other RoPE settings than the model's."""
+        backend rotates the mixed keys as the model rotates its queries (EngineConfigError if the
+        config asks for other RoPE settings than the model's), and an attamba layer (``layer``: its
+        index in the model) gets layer_index = its rank among the model's attamba layers and
+        num_layers = their count (EngineConfigError if the config gives other values)."""
+        if self.is_attamba and isinstance(self.config, Mapping):
+            return self._attamba_library_config(model, layer)
         if not self.is_kv_shift or not isinstance(self.config, Mapping):
             return self.config
         inner = dict(self.config.get("backend_config") or {})
@@ -174,6 +252,23 @@ class AttentionSpec:
                     f"kv_shift: {key}={inner[key]!r} differs from the model's RoPE (rope_theta={model.rope_theta}, "
                     f"the whole head of {model.head_dim}, NeoX): the model rotates the queries, the backend the "
                     f"keys, with the same settings; leave it out")
+        inner.update(want)
+        return dict(self.config, backend_config=inner)
+
+    def _attamba_library_config(self, model: "ModelConfig", layer: Optional[int]) -> Dict[str, Any]:
+        assert isinstance(self.config, Mapping)
+        ranks = model.attamba_layers
+        if layer is None or layer not in ranks:
+            raise EngineConfigError(f"attamba: library_config needs the index of an attamba layer of the model "
+                                    f"(attamba layers {list(ranks)}), got {layer}")
+        inner = dict(self.config.get("backend_config") or {})
+        want = {"layer_index": ranks.index(layer), "num_layers": len(ranks)}
+        for key, value in want.items():
+            if key in inner and int(inner[key]) != value:
+                raise EngineConfigError(
+                    f"attamba: {key}={inner[key]!r}, but the engine gives this layer {key}={value} (its rank among "
+                    f"the model's {len(ranks)} attamba layers, which share one page list and its cyclic chunk "
+                    f"offsets); leave it out")
         inner.update(want)
         return dict(self.config, backend_config=inner)
 
@@ -329,6 +424,11 @@ class ModelConfig:
         anchor and its own tokens, so Star prefix keys (BlockManager.allocate_star) are valid."""
         return len(self.star_layers) == self.num_hidden_layers and self.star_layout is not None
 
+    @property
+    def attamba_layers(self) -> Tuple[int, ...]:
+        """The layers that run Attamba (their compressed cache lives in pages of its own)."""
+        return tuple(i for i, s in enumerate(self.layer_attention) if s.is_attamba)
+
     def with_layers(self, layers: List[int], spec: AttentionSpec) -> "ModelConfig":
         """This config with ``spec`` on ``layers`` (checked again by the engine)."""
         specs = list(self.layer_attention)
@@ -380,7 +480,9 @@ class ModelConfig:
                                         f"follows the state rules of {sorted(STATEFUL_BACKENDS)} only")
             if spec.is_kv_shift:
                 self._check_kv_shift(spec, where)
-            _check_config(spec.backend, spec, where, self)
+            if spec.is_attamba:
+                self._check_attamba(spec, where, layer)
+            _check_config(spec.backend, spec, where, self, layer)
             if spec.is_entropy:  # the library checks the shape only at creation: say it here, per layer
                 n = len(spec.temperatures())
                 if n % self.num_attention_heads:
@@ -405,11 +507,42 @@ class ModelConfig:
         except EngineConfigError as e:
             raise EngineConfigError(f"{where}: {e}") from None
 
+    def _check_attamba(self, spec: AttentionSpec, where: str, layer: int) -> None:
+        """An AttambaConfig whose SSMs the engine can run through kvplug (ssm_heads > 0), keys and
+        values of the model's width (K = x + SSM_k(x): num_key_value_heads * head_dim = hidden_size),
+        the same page layout as the other attamba layers, and no layer_index / num_layers of its own
+        that differ from the engine's."""
+        if not isinstance(spec.config, Mapping) or spec.config.get("backend_config_type") != "AttambaConfig":
+            raise EngineConfigError(f"{where}: backend {ATTAMBA!r} needs an AttambaConfig (chunk_size, window and the "
+                                    f"SSM shape: ssm_heads, ssm_head_dim, state_size, ssm_groups, conv_width), got "
+                                    f"{json.dumps(spec.config)}")
+        p = spec.attamba_params()
+        kv_width = self.num_key_value_heads * self.head_dim
+        if kv_width != self.hidden_size:
+            raise EngineConfigError(
+                f"{where}: attamba keys and values are x + SSM(x), so num_key_value_heads * head_dim = {kv_width} "
+                f"must equal hidden_size = {self.hidden_size}")
+        if p.ssm_heads <= 0 or p.ssm_head_dim <= 0:
+            raise EngineConfigError(
+                f"{where}: attamba needs ssm_heads > 0 and ssm_head_dim > 0 (got {p.ssm_heads}, {p.ssm_head_dim}): "
+                f"the engine runs both SSMs through kvplug (kvp_attention_ssm)")
+        first = self.layer_attention[self.attamba_layers[0]].attamba_params()
+        if p.page_layout_key != first.page_layout_key:
+            raise EngineConfigError(
+                f"{where}: attamba (chunk_size, window, chunk_offsets) = {p.page_layout_key}, but layer "
+                f"{self.attamba_layers[0]} has {first.page_layout_key}: the attamba layers share one page list "
+                f"(kvp_attention_cache_layout), so they must agree")
+        try:
+            spec.library_config(self, layer)
+        except EngineConfigError as e:
+            raise EngineConfigError(f"{where}: {e}") from None
 
-def _check_config(backend: str, spec: AttentionSpec, where: str, model: Optional["ModelConfig"] = None) -> None:
+
+def _check_config(backend: str, spec: AttentionSpec, where: str, model: Optional["ModelConfig"] = None,
+                  layer: Optional[int] = None) -> None:
     """kvplug.check_config with the layer and the config in the message."""
     try:
-        kvplug.check_config(backend, spec.library_config(model) if model is not None else spec.config)
+        kvplug.check_config(backend, spec.library_config(model, layer) if model is not None else spec.config)
     except kvplug.KvplugError as e:
         raise type(e)(f"{where}: backend {spec.backend!r} rejects its config {json.dumps(spec.config)}: "
                       f"{e.message}", e.status, e.status_name) from e
@@ -531,6 +664,9 @@ class EngineConfig:
     torch_threads: int = 1
     #: Seeds the sampler of requests that bring no seed of their own.
     seed: int = 0
+    #: Pages of the attamba layers' own pool (compressed chunk-end rows + window pages, per layer);
+    #: 0: as many as num_device_blocks. Unused without attamba layers.
+    attamba_num_blocks: int = 0
     #: Attention-entropy telemetry: every layer whose backend supports entropy (dense, star, entropy)
     #: writes a per-head summary at each run, accumulated on the device over the run
     #: (:meth:`LLMEngine.entropy_report`); no synchronization per layer.
@@ -540,6 +676,8 @@ class EngineConfig:
         if self.block_size <= 0 or self.num_device_blocks <= 0 or self.num_host_blocks < 0:
             raise EngineConfigError(f"block_size={self.block_size}, num_device_blocks={self.num_device_blocks} must be "
                                     f"> 0 and num_host_blocks={self.num_host_blocks} >= 0")
+        if self.attamba_num_blocks < 0:
+            raise EngineConfigError(f"attamba_num_blocks={self.attamba_num_blocks} must be >= 0 (0: num_device_blocks)")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise EngineConfigError("max_num_seqs and max_num_batched_tokens must be > 0")
         if not 0.0 <= self.watermark < 1.0:

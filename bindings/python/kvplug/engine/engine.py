@@ -23,6 +23,13 @@ With a layer that keeps per-sequence state (``kv_shift``), the block manager and
 sequence's ``state_slots``, and a sequence admitted after a prefix-cache hit re-runs its last cached
 token with slot -1 first (see :mod:`.scheduler`). kv_shift layers get pre-RoPE keys (the backend
 mixes, then rotates them with the model's ``rope_theta``); the model rotates the queries.
+
+Attamba layers keep their compressed cache in pages of their own (:mod:`.attamba`): a second cache
+(the attamba layers only), a second plan per step (their page lists, the layout's seq_lens, each
+token's window slot, ``query_pos_starts``) and the SSM callable the model's attamba layers call
+(``kvp_attention_ssm``, state in that cache's state slots, which the block manager hands out); the
+token-stream cache then holds the other layers only (none: no such cache). Prefix caching is off and
+preemption recomputes in models with an attamba layer (reasons in :mod:`.attamba`).
 """
 from __future__ import annotations
 
@@ -36,8 +43,10 @@ import torch
 
 import kvplug
 
+from .attamba import AttambaPages
 from .config import TORCH_REFERENCE, EngineConfig, EngineConfigError, ModelConfig, ModelConfigLike
-from .model import KvplugAttention, LlamaForCausalLM, StepBatch, TorchReferenceAttention
+from .model import (AttambaSsm, KvplugAttambaAttention, KvplugAttention, LlamaForCausalLM, StepBatch,
+                    TorchReferenceAttention)
 from .request import Request, RequestOutput, RequestStatus, SamplingParams, now
 from .sampling import sample
 from .scheduler import Scheduler, SchedulerOutput
@@ -97,26 +106,44 @@ class LLMEngine:
             stream = torch.cuda.current_stream().cuda_stream or None
         self.ctx = kvplug.Context(ec.device, num_threads=ec.num_threads, stream=stream)
         self.layer_attention: List[Any] = []
-        for spec in mc.layer_attention:
+        for i, spec in enumerate(mc.layer_attention):
             if spec.backend == TORCH_REFERENCE:
                 self.layer_attention.append(TorchReferenceAttention(spec, mc))
+            elif spec.is_attamba:
+                self.layer_attention.append(KvplugAttambaAttention(self.ctx, spec, mc, ec.kv_cache_dtype, i))
             else:
-                self.layer_attention.append(KvplugAttention(self.ctx, spec, mc, ec.kv_cache_dtype))
-        # Per-sequence state (kv_shift): one state slot per sequence alive, sized for the hungriest
-        # layer. Running plus swapped sequences never exceed max_num_seqs (admission waits for the
-        # swapped ones), and can_allocate says LATER when no slot is free.
+                self.layer_attention.append(KvplugAttention(self.ctx, spec, mc, ec.kv_cache_dtype, i))
+        # Which cache each layer's K/V lives in, at which of its layers: the token-stream cache for
+        # every layer but the attamba ones, which have theirs (.attamba).
+        self.token_layers = tuple(i for i, s in enumerate(mc.layer_attention) if not s.is_attamba)
+        self.cache_layer = {i: k for k, i in enumerate(self.token_layers)}
+        self.cache_layer.update({i: k for k, i in enumerate(mc.attamba_layers)})
+        # Per-sequence state (kv_shift, attamba): one state slot per sequence alive, sized for the
+        # hungriest layer of each cache. Running plus swapped sequences never exceed max_num_seqs
+        # (admission waits for the swapped ones), and can_allocate says LATER when no slot is free.
+        token_state = max((self.layer_attention[i].attn.state_bytes for i in self.token_layers
+                           if isinstance(self.layer_attention[i], KvplugAttention)), default=0)
         self.state_bytes_per_layer = max((a.attn.state_bytes for a in self.layer_attention
                                           if isinstance(a, KvplugAttention)), default=0)
         self.num_state_slots = ec.max_num_seqs if self.state_bytes_per_layer > 0 else 0
+        # Attamba models: no prefix caching (its hits cannot cover the attamba layers' own pages).
+        self.prefix_caching = ec.enable_prefix_caching and not mc.attamba_layers
         self.bm = kvplug.BlockManager(block_size=ec.block_size, num_device_blocks=ec.num_device_blocks,
                                       num_host_blocks=ec.num_host_blocks,
-                                      enable_prefix_caching=ec.enable_prefix_caching, watermark=ec.watermark,
+                                      enable_prefix_caching=self.prefix_caching, watermark=ec.watermark,
                                       num_state_slots=self.num_state_slots)
-        self.cache = kvplug.KvCache(self.ctx, num_layers=mc.num_hidden_layers, num_blocks=ec.num_device_blocks,
-                                    block_size=ec.block_size, num_kv_heads=mc.num_key_value_heads,
-                                    head_size=mc.head_dim, dtype=ec.kv_cache_dtype,
-                                    num_host_blocks=ec.num_host_blocks, num_state_slots=self.num_state_slots,
-                                    state_bytes_per_layer=self.state_bytes_per_layer)
+        self.cache: Optional[kvplug.KvCache] = None
+        if self.token_layers:
+            self.cache = kvplug.KvCache(self.ctx, num_layers=len(self.token_layers), num_blocks=ec.num_device_blocks,
+                                        block_size=ec.block_size, num_kv_heads=mc.num_key_value_heads,
+                                        head_size=mc.head_dim, dtype=ec.kv_cache_dtype,
+                                        num_host_blocks=ec.num_host_blocks,
+                                        num_state_slots=self.num_state_slots if token_state else 0,
+                                        state_bytes_per_layer=token_state)
+        self.attamba: Optional[AttambaPages] = None
+        if mc.attamba_layers:
+            self.attamba = AttambaPages(self.ctx, mc, ec, [self.layer_attention[i].attn for i in mc.attamba_layers],
+                                        self.num_state_slots)
         self.raw_key_layers = frozenset(i for i, s in enumerate(mc.layer_attention) if s.fuses_key_rope)
         self.max_blocks_per_seq = ec.blocks_for(mc.max_position_embeddings)
         # Star: prefix keys of Star blocks when every layer is Star with one page-aligned layout.
@@ -130,13 +157,15 @@ class LLMEngine:
                 star_prefix = self.star_layout
         self.star_prefix_layout = star_prefix
         self.scheduler = Scheduler(ec, self.bm, self.cache, star_keys=bool(mc.star_layers), star_layout=star_prefix,
-                                   refill_state=self.num_state_slots > 0)
+                                   refill_state=self.num_state_slots > 0, attamba=self.attamba)
         max_entries = ec.max_num_seqs + self.scheduler.max_extra_entries
         self.plan = kvplug.Plan(self.ctx, max_num_seqs=max_entries, max_num_tokens=ec.max_num_batched_tokens,
                                 max_num_blocks=max_entries * self.max_blocks_per_seq)
-        for a in self.layer_attention:
+        for i in self.token_layers:
+            a = self.layer_attention[i]
             if isinstance(a, KvplugAttention):
-                # Plan-side step buffers are allocated here, once, not at the first run.
+                # Plan-side step buffers are allocated here, once, not at the first run (the attamba
+                # layers' plan: AttambaPages).
                 self.plan.attach(a.attn)
 
         # Entropy telemetry: each reporting layer's runs write into its slice of one step buffer.
@@ -171,21 +200,14 @@ class LLMEngine:
         layers encode it blockwise; see :class:`.request.Request`). 0: the whole prompt is context,
         and the first output token is sampled from the last context token."""
         params = params or SamplingParams()
-        mc, ec = self.model_config, self.config
+        mc = self.model_config
         ids = [int(t) for t in prompt_token_ids]
         if not ids:
             raise ValueError("prompt_token_ids is empty")
         bad = [t for t in ids if not 0 <= t < mc.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {mc.vocab_size})")
-        total = len(ids) + params.max_tokens
-        if total > mc.max_position_embeddings:
-            raise ValueError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                             f"max_position_embeddings={mc.max_position_embeddings}")
-        if ec.blocks_for(total) > ec.num_device_blocks - ec.watermark_blocks:
-            raise ValueError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) needs {ec.blocks_for(total)} "
-                             f"blocks of {ec.block_size}; the pool has {ec.num_device_blocks} "
-                             f"(watermark {ec.watermark_blocks})")
+        self._check_fits(len(ids), params.max_tokens)
         seq_id = next(self._seq_ids)
         request_id = str(seq_id) if request_id is None else str(request_id)
         if request_id in self.scheduler.requests:
@@ -201,6 +223,25 @@ class LLMEngine:
         self.scheduler.add(req)
         return request_id
 
+    def _check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        """ValueError for a request that can never be served: longer than the model, or than the
+        block pool (or the attamba pool) can hold alone."""
+        mc, ec = self.model_config, self.config
+        total = prompt_len + max_tokens
+        if total > mc.max_position_embeddings:
+            raise ValueError(f"prompt ({prompt_len}) + max_tokens ({max_tokens}) = {total} exceeds "
+                             f"max_position_embeddings={mc.max_position_embeddings}")
+        if ec.blocks_for(total) > ec.num_device_blocks - ec.watermark_blocks:
+            raise ValueError(f"prompt ({prompt_len}) + max_tokens ({max_tokens}) needs {ec.blocks_for(total)} "
+                             f"blocks of {ec.block_size}; the pool has {ec.num_device_blocks} "
+                             f"(watermark {ec.watermark_blocks})")
+        if self.attamba is not None:
+            need = self.attamba.max_pages(total)
+            if need > self.attamba.num_blocks - self.attamba.watermark_blocks:
+                raise ValueError(f"prompt ({prompt_len}) + max_tokens ({max_tokens}) needs up to {need} attamba "
+                                 f"pages of {ec.block_size} rows (compressed rows + window); the pool has "
+                                 f"{self.attamba.num_blocks} (watermark {self.attamba.watermark_blocks})")
+
     def abort_request(self, request_id: str) -> Optional[RequestOutput]:
         """Stop a request wherever it is (waiting, running, swapped); its blocks, device or host, are
         freed at once. Returns its final output (finish_reason "abort"), or None if unknown."""
@@ -209,6 +250,68 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def fork_request(self, request_id: str, params: Optional[SamplingParams] = None,
+                     child_request_id: Optional[str] = None) -> str:
+        """Fork a running request between steps (parallel sampling): the child starts with the
+        parent's tokens, outputs and logits so far and continues on its own, with ``params``
+        (default: the parent's; sampled children get their own generator). The block manager shares
+        every block (copy on write when either appends), the state slot is copied in every cache
+        (kv_shift's raw last K/V, attamba's SSM states) and attamba pages are shared where full and
+        immutable, copied where partial (:meth:`.attamba.AttambaPages.fork`). The parent must be
+        decoding: every token but the one it just sampled computed. Returns the child's request id.
+        ValueError when it cannot fork (not running, mid-prefill, max_num_seqs reached, no room for
+        the copies)."""
+        sch, bm = self.scheduler, self.bm
+        parent = sch.requests.get(str(request_id))
+        if parent is None or parent.status is not RequestStatus.RUNNING:
+            raise ValueError(f"request {request_id!r} is not running (status "
+                             f"{parent.status.value if parent is not None else 'unknown'}): only running requests fork")
+        if parent.num_computed_tokens != len(parent.token_ids) - 1 or parent.num_bm_tokens != parent.num_computed_tokens:
+            raise ValueError(f"request {request_id!r} is not between decode steps ({parent.num_computed_tokens} of "
+                             f"{len(parent.token_ids)} tokens computed): fork after a step that sampled its token")
+        if len(sch.running) + len(sch.swapped) >= self.config.max_num_seqs:
+            raise ValueError(f"max_num_seqs={self.config.max_num_seqs} sequences are running or swapped: no room for "
+                             f"a fork")
+        params = params or parent.params
+        self._check_fits(parent.prompt_len, params.max_tokens)
+        seq_id = next(self._seq_ids)
+        child_id = str(seq_id) if child_request_id is None else str(child_request_id)
+        if child_id in sch.requests:
+            raise ValueError(f"request id {child_id!r} is already in use")
+        gen = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else self._seed_base * 1_000_003 + seq_id
+            gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        child = Request(child_id, seq_id, parent.prompt_token_ids, params, now(), gen, query_len=parent.query_len)
+        c = parent.num_computed_tokens
+        try:
+            bm.fork(parent.seq_id, seq_id)
+        except kvplug.KvplugError as e:
+            raise ValueError(f"request {request_id!r}: the block manager cannot fork it: {e}") from e
+        parent_slot, child_slot = bm.state_slot(parent.seq_id), bm.state_slot(seq_id)
+        try:
+            if self.attamba is not None:
+                self.attamba.fork(parent.seq_id, seq_id, c, parent_slot, child_slot)
+        except kvplug.NoFreeBlocksError as e:
+            bm.free(seq_id)
+            raise ValueError(f"request {request_id!r}: {e}") from e
+        if self.cache is not None and self.cache.num_state_slots > 0 and child_slot >= 0:
+            self.cache.copy_state(parent_slot, child_slot)
+        child.token_ids = list(parent.token_ids)
+        child.num_computed_tokens = child.num_bm_tokens = c
+        child.first_scheduled_time = now()
+        child.token_times = list(parent.token_times)
+        child.output_logits = list(parent.output_logits)
+        child.output_margins = list(parent.output_margins)
+        child.num_prefill_chunks = parent.num_prefill_chunks
+        if parent.prompt_logits is not None and params.prompt_logits:
+            child.prompt_logits = parent.prompt_logits.clone()
+        child.status = RequestStatus.RUNNING
+        sch.requests[child_id] = child
+        sch.running.append(child)  # the newest: priority order holds
+        sch.stats.num_forks += 1
+        return child_id
 
     # -------------------------------------------------------------------------------------------
     # One step
@@ -238,6 +341,8 @@ class LLMEngine:
         width = 1
         for b, s in enumerate(seqs):
             r = s.req
+            if state_slots is not None:
+                state_slots[b] = bm.state_slot(r.seq_id)
             first = s.start - int(s.refill)  # a refill re-runs token start - 1, not stored (slot -1)
             qsl[b + 1] = qsl[b] + s.num_query_tokens
             seq_lens[b] = s.start + s.num_tokens
@@ -247,22 +352,33 @@ class LLMEngine:
             if s.refill:
                 slots.append(np.full(1, -1, np.int64))
             slots.append(bm.slot_mapping(r.seq_id, s.start, s.num_tokens))
-            if state_slots is not None:
-                state_slots[b] = bm.state_slot(r.seq_id)
             width = max(width, ec.blocks_for(r.num_bm_tokens))
         slot_mapping = np.concatenate(slots)
         table, _ = bm.block_tables([s.req.seq_id for s in seqs], max_blocks_per_seq=width)
-        self.plan.update(qsl, seq_lens, block_size=ec.block_size, block_table=table, slot_mapping=slot_mapping,
-                         state_slots=state_slots, context_lens=context_lens)
+        if self.cache is not None:
+            self.plan.update(qsl, seq_lens, block_size=ec.block_size, block_table=table, slot_mapping=slot_mapping,
+                             state_slots=state_slots if self.cache.num_state_slots else None,
+                             context_lens=context_lens)
         batch = StepBatch(qsl, seq_lens, table, slot_mapping)
-        plan, cache, layers = self.plan, self.cache, self.layer_attention
+        layers, cache_layer = self.layer_attention, self.cache_layer
+        attamba_layers = frozenset(mc.attamba_layers)
+        plans = {i: self.plan for i in self.token_layers}
+        caches: Dict[int, Any] = {i: self.cache for i in self.token_layers}
+        if self.attamba is not None:
+            assert state_slots is not None and not any(s.refill for s in seqs)
+            self.attamba.update_plan([(s.req.seq_id, s.start, s.start + s.num_tokens) for s in seqs], state_slots)
+            plans.update({i: self.attamba.plan for i in attamba_layers})
+            caches.update({i: self.attamba.cache for i in attamba_layers})
 
         def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return layers[layer](plan, cache, batch, layer, q, k, v)
+            return layers[layer](plans[layer], caches[layer], batch, cache_layer[layer], q, k, v)
+
+        def ssm(layer: int, which: int, block: AttambaSsm, zxbcdt: torch.Tensor) -> torch.Tensor:
+            return layers[layer].ssm(plans[layer], caches[layer], cache_layer[layer], which, block, zxbcdt)
 
         ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids_t, pos_t, attention, self.raw_key_layers)
+        hidden = self.model(ids_t, pos_t, attention, self.raw_key_layers, ssm if self.attamba is not None else None)
         if self.entropy is not None:
             self.entropy.end_step()  # device-side accumulation: no sync
 
@@ -374,6 +490,13 @@ class LLMEngine:
         d["star_context_blocks_encoded"] = self.star_context_blocks_encoded
         d["star_anchor_reuse_blocks"] = self.star_anchor_reuse_blocks
         d["kv_shift_layers"] = sum(1 for s in self.model_config.layer_attention if s.is_kv_shift)
+        d["attamba_layers"] = len(self.model_config.attamba_layers)
+        d["prefix_caching"] = self.prefix_caching
+        if self.attamba is not None:
+            d["attamba_num_blocks"] = self.attamba.num_blocks
+            d["attamba_used_pages"] = self.attamba.num_used
+            d["attamba_peak_used_pages"] = self.attamba.peak_used_pages
+            d["attamba_fork_page_copies"] = self.attamba.num_page_copies
         d["num_state_slots"] = self.num_state_slots
         d["state_bytes_per_layer"] = self.state_bytes_per_layer
         d["entropy_telemetry"] = self.entropy is not None
@@ -400,6 +523,8 @@ class LLMEngine:
             problems.append(f"host blocks free {st.num_free_host_blocks} of {st.num_host_blocks}")
         if st.num_sequences != 0 or st.num_swapped_sequences != 0:
             problems.append(f"{st.num_sequences} sequences ({st.num_swapped_sequences} swapped) still in the manager")
+        if self.attamba is not None:
+            problems.extend(self.attamba.check_no_leaks())
         if problems:
             raise AssertionError("block leak: " + "; ".join(problems))
 
@@ -413,18 +538,26 @@ class LLMEngine:
         return (f"model: {mc.num_hidden_layers} layers, hidden {mc.hidden_size}, {mc.num_attention_heads} q / "
                 f"{mc.num_key_value_heads} kv heads x {mc.head_dim}, vocab {mc.vocab_size}; attention [{layers}]\n"
                 f"kv cache: {ec.num_device_blocks} device + {ec.num_host_blocks} host blocks of {ec.block_size} tokens, "
-                f"{ec.kv_cache_dtype}, on {ec.device}; prefix caching {'on' if ec.enable_prefix_caching else 'off'}, "
-                f"preemption {ec.preemption_mode}, max {ec.max_num_seqs} seqs / {ec.max_num_batched_tokens} tokens "
+                f"{ec.kv_cache_dtype}, on {ec.device}; prefix caching "
+                f"{'on' if self.prefix_caching else 'off (attamba layers)' if ec.enable_prefix_caching else 'off'}, "
+                f"preemption {ec.preemption_mode if self.attamba is None else 'recompute (attamba layers)'}, "
+                f"max {ec.max_num_seqs} seqs / {ec.max_num_batched_tokens} tokens "
                 f"per step; kvplug {kvplug.version_string()}"
                 + (f"\nentropy telemetry: layers {list(self.entropy.layers)} of {mc.num_hidden_layers}"
                    if self.entropy is not None else "")
                 + (f"\nstar: layers {list(mc.star_layers)}, context blocks / anchor {self.star_layout}, prefix keys "
                    f"{'Star (allocate_star)' if self.star_prefix_layout else 'chained, keyed by context length'}"
-                   if mc.star_layers else ""))
+                   if mc.star_layers else "")
+                + (f"\nattamba: layers {list(mc.attamba_layers)}, their own pool of {self.attamba.num_blocks} pages "
+                   f"(compressed chunk-end rows + window), state slots of {self.attamba.state_bytes_per_layer} bytes "
+                   f"per layer" if self.attamba is not None else ""))
 
     def close(self) -> None:
+        if self.attamba is not None:
+            self.attamba.close()
         for h in (self.plan, self.cache, self.bm, self.ctx):
-            h.close()
+            if h is not None:
+                h.close()
         for a in self.layer_attention:
             if isinstance(a, KvplugAttention):
                 a.attn.close()

@@ -12,6 +12,15 @@ back to back and their ``positions``. It owns no cache: each layer calls
 cache and runs the layer's backend (:class:`KvplugAttention` or :class:`TorchReferenceAttention`).
 Layers whose backend rotates keys itself (``AttentionSpec.fuses_key_rope``: kv_shift, whose shift
 acts on pre-RoPE keys) get k before RoPE; q is always rotated here.
+
+Attamba layers (:class:`AttambaAttention`) have no k_proj / v_proj: K = x + SSM_k(x) and V = x +
+SSM_v(x), x the layer's normed input, each SSM a Mamba-2 block whose GEMMs (``in_proj``,
+``out_proj``) run here and whose chunk-local conv + scan + gated RMSNorm run in kvplug through the
+engine's ``ssm(layer, which, block, zxbcdt) -> y`` callable (``kvp_attention_ssm``, state in the
+cache's state slots); RoPE on Q and on the SSM'd K at global positions. Parameter names follow
+mamba_ssm's Mamba2 under ``self_attn.k_ssm`` / ``self_attn.v_ssm`` (``in_proj.weight``,
+``conv1d.weight`` [conv_dim, 1, width], ``conv1d.bias``, ``dt_bias``, ``A_log``, ``D``,
+``norm.weight``, ``out_proj.weight``).
 """
 from __future__ import annotations
 
@@ -24,9 +33,12 @@ from torch import nn
 
 import kvplug
 
-from .config import AttentionSpec, ModelConfig
+from .config import AttambaParams, AttentionSpec, ModelConfig
 
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ssm(layer, which, block, zxbcdt) -> y: the chunk-local SSM of an attamba layer (which 0: keys, 1:
+#: values) over in_proj's output [T, in_dim], returning y [T, d_inner] for out_proj.
+SsmFn = Callable[[int, int, "AttambaSsm", torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -75,12 +87,68 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                attention: AttentionFn, rope_keys: bool = True) -> torch.Tensor:
+                attention: AttentionFn, rope_keys: bool = True, ssm: Optional[SsmFn] = None) -> torch.Tensor:
         t = x.shape[0]
         q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin).contiguous()
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         k = (apply_rope(k, cos, sin) if rope_keys else k).contiguous()
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim).contiguous()
+        out = attention(layer, q, k, v)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class GatedNormWeight(nn.Module):
+    """The gated RMSNorm's weight of a Mamba-2 block (mamba_ssm's ``norm.weight``); kvplug applies it."""
+
+    def __init__(self, d_inner: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_inner))
+
+
+class AttambaSsm(nn.Module):
+    """The weights of one Mamba-2 block of an attamba layer: in_proj (hidden -> [z][xBC][dt]), the
+    depthwise conv over xBC, dt_bias, A_log, D, the gated norm's weight and out_proj (d_inner ->
+    the K/V width). in_proj and out_proj run in PyTorch; the rest in kvplug (kvp_attention_ssm)."""
+
+    def __init__(self, hidden_size: int, kv_width: int, p: AttambaParams) -> None:
+        super().__init__()
+        self.params = p
+        self.in_proj = nn.Linear(hidden_size, p.in_dim, bias=False)
+        self.conv1d = nn.Conv1d(p.conv_dim, p.conv_dim, p.conv_width, groups=p.conv_dim, bias=True)
+        self.dt_bias = nn.Parameter(torch.zeros(p.ssm_heads))
+        self.A_log = nn.Parameter(torch.zeros(p.ssm_heads))
+        self.D = nn.Parameter(torch.ones(p.ssm_heads))
+        self.norm = GatedNormWeight(p.d_inner)
+        self.out_proj = nn.Linear(p.d_inner, kv_width, bias=False)
+
+    def forward(self, x: torch.Tensor, layer: int, which: int, ssm: SsmFn) -> torch.Tensor:
+        """x + out_proj(SSM(in_proj(x))): the paper's K (which 0) or V (which 1), [T, kv_width]."""
+        return x + self.out_proj(ssm(layer, which, self, self.in_proj(x)))
+
+
+class AttambaAttention(nn.Module):
+    """Attamba's attention: Q = W_q x (RoPE), K = x + SSM_k(x) (RoPE on the result), V = x + SSM_v(x),
+    attention (chunk ends + window, the backend's key sets) over them, then o_proj."""
+
+    def __init__(self, cfg: ModelConfig, spec: AttentionSpec) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        p = spec.attamba_params()
+        kv_width = self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_ssm = AttambaSsm(cfg.hidden_size, kv_width, p)
+        self.v_ssm = AttambaSsm(cfg.hidden_size, kv_width, p)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                attention: AttentionFn, rope_keys: bool = True, ssm: Optional[SsmFn] = None) -> torch.Tensor:
+        if ssm is None:
+            raise RuntimeError(f"layer {layer} is an attamba layer: the forward pass needs the engine's ssm callable")
+        t = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin).contiguous()
+        k = self.k_ssm(x, layer, 0, ssm).view(t, self.num_kv_heads, self.head_dim)
+        k = apply_rope(k, cos, sin).contiguous()
+        v = self.v_ssm(x, layer, 1, ssm).view(t, self.num_kv_heads, self.head_dim).contiguous()
         out = attention(layer, q, k, v)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -97,16 +165,17 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, spec: Optional[AttentionSpec] = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn: nn.Module = (AttambaAttention(cfg, spec) if spec is not None and spec.is_attamba
+                                     else LlamaAttention(cfg))
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                attention: AttentionFn, rope_keys: bool = True) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, attention, rope_keys)
+                attention: AttentionFn, rope_keys: bool = True, ssm: Optional[SsmFn] = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, attention, rope_keys, ssm)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -114,7 +183,7 @@ class LlamaBackbone(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([LlamaDecoderLayer(cfg, spec) for spec in cfg.layer_attention])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
 
@@ -135,13 +204,14 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionFn,
-                raw_key_layers: Optional[frozenset] = None) -> torch.Tensor:
-        """``raw_key_layers``: layers that get pre-RoPE keys (default: this model config's)."""
+                raw_key_layers: Optional[frozenset] = None, ssm: Optional[SsmFn] = None) -> torch.Tensor:
+        """``raw_key_layers``: layers that get pre-RoPE keys (default: this model config's).
+        ``ssm``: the chunk-local SSM of attamba layers (needed when the model has some)."""
         raw = self.raw_key_layers if raw_key_layers is None else raw_key_layers
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, attention, i not in raw)
+            x = layer(x, cos, sin, i, attention, i not in raw, ssm)
         return self.model.norm(x)
 
     @torch.inference_mode()
@@ -155,13 +225,24 @@ class LlamaForCausalLM(nn.Module):
     def init_random(self, seed: int = 0, std: Optional[float] = None, lm_head_scale: float = 1.0) -> None:
         """Seeded random weights, the same on every machine for a given seed and shape: embeddings
         N(0, 1); projections N(0, std or 1/sqrt(fan_in)); norm weights 1 + N(0, 0.1); the LM head's
-        std times ``lm_head_scale``. Attention is then far from uniform, so checks see real softmax."""
+        std times ``lm_head_scale``. Attention is then far from uniform, so checks see real softmax.
+        Attamba SSMs: conv weights N(0, 1) / sqrt(width), conv biases 0.1 N(0, 1), dt_bias and A_log
+        uniform in [-1.5, 1) (A = -exp(A_log) in (-2.7, -0.2]: the scan both carries and forgets
+        within a chunk), D N(0, 1)."""
         g = torch.Generator(device="cpu").manual_seed(int(seed))
         for name, p in self.named_parameters():  # a fixed order: registration order
             if name.endswith("embed_tokens.weight"):
                 value = torch.randn(p.shape, generator=g)
             elif "norm" in name:
                 value = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+            elif name.endswith("conv1d.weight"):
+                value = torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1])
+            elif name.endswith("conv1d.bias"):
+                value = 0.1 * torch.randn(p.shape, generator=g)
+            elif name.endswith(".dt_bias") or name.endswith(".A_log"):
+                value = -1.5 + 2.5 * torch.rand(p.shape, generator=g)
+            elif name.endswith(".D"):
+                value = torch.randn(p.shape, generator=g)
             else:
                 s = std if std is not None else 1.0 / math.sqrt(p.shape[1])
                 if name == "lm_head.weight":
@@ -223,11 +304,12 @@ class KvplugAttention:
     ``summary_out`` set (a [num_heads, 6] float32 tensor on the run's device: the engine's entropy
     telemetry), every run also writes the per-head entropy summary there (kvp_attention_run_v2)."""
 
-    def __init__(self, ctx: kvplug.Context, spec: AttentionSpec, cfg: ModelConfig, kv_dtype: str) -> None:
+    def __init__(self, ctx: kvplug.Context, spec: AttentionSpec, cfg: ModelConfig, kv_dtype: str,
+                 layer: Optional[int] = None) -> None:
         self.spec = spec
         self.attn = kvplug.Attention(ctx, spec.backend, num_q_heads=cfg.num_attention_heads,
                                      num_kv_heads=cfg.num_key_value_heads, head_size=cfg.head_dim,
-                                     kv_dtype=kv_dtype, config=spec.library_config(cfg))
+                                     kv_dtype=kv_dtype, config=spec.library_config(cfg, layer))
         self.summary_out: Optional[torch.Tensor] = None
 
     def __call__(self, plan: kvplug.Plan, cache: kvplug.KvCache, batch: StepBatch, layer: int, q: torch.Tensor,
@@ -239,6 +321,29 @@ class KvplugAttention:
         else:
             self.attn.run(plan, cache, layer, q, out, entropy_summary=self.summary_out)
         return out
+
+
+class KvplugAttambaAttention(KvplugAttention):
+    """An attamba layer: write_kv + run as every kvplug layer (over the attamba pages' plan and cache,
+    :mod:`.attamba`), plus :meth:`ssm`, the chunk-local Mamba-2 block (kvp_attention_ssm)."""
+
+    def __init__(self, ctx: kvplug.Context, spec: AttentionSpec, cfg: ModelConfig, kv_dtype: str, layer: int) -> None:
+        super().__init__(ctx, spec, cfg, kv_dtype, layer)
+        self.params = spec.attamba_params()
+
+    def ssm(self, plan: kvplug.Plan, cache: kvplug.KvCache, layer: int, which: int, block: AttambaSsm,
+            zxbcdt: torch.Tensor) -> torch.Tensor:
+        """y [T, d_inner] of the key (``which`` 0) or value (1) SSM over in_proj's output, its conv and
+        scan state in ``cache``'s state slots (the plan's state_slots and query_pos_starts)."""
+        p = self.params
+        x = zxbcdt.detach().to(torch.float32).contiguous()
+        out = torch.empty(x.shape[0], p.d_inner, dtype=torch.float32, device=x.device)
+        f32 = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731  (views when already fp32)
+        self.attn.ssm(plan, cache, layer, x, out, which=which,
+                      conv_weight=f32(block.conv1d.weight).view(p.conv_dim, p.conv_width),
+                      conv_bias=f32(block.conv1d.bias), a_log=f32(block.A_log), dt_bias=f32(block.dt_bias),
+                      d_skip=f32(block.D), norm_weight=f32(block.norm.weight))
+        return out.to(zxbcdt.dtype)
 
 
 class TorchReferenceAttention:

@@ -38,17 +38,29 @@ c > 0 cached tokens needs the raw K/V of token c - 1, which the cache does not h
 mixed K^): its first entry re-runs token c - 1 with slot -1 (``ScheduledSeq.refill``: q_len n + 1,
 seq_len c + n; the refill costs one token of the budget; with a budget of one it runs alone, q_len 1,
 seq_len c), which rewrites the state and leaves the pages as they are.
+
+Attamba layers (``attamba``, an :class:`.attamba.AttambaPages`) keep their compressed cache in a
+page pool of their own: the scheduler prepares each entry's pages for its step (window pages the
+step no longer reaches go back), preempts the newest running request when that pool is short (as
+for block-manager blocks; counted in ``num_attamba_preemptions``), admits a request only when its
+first step fits above the pool's watermark, and returns a request's pages when it finishes or is
+preempted. Preemption always recomputes in such models (a swap would have to move both caches;
+``preemption_mode="swap"`` falls back), and the engine turns prefix caching off for them (see
+:mod:`.attamba`), so no refill ever happens there.
 """
 from __future__ import annotations
 
 import bisect
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import kvplug
 
 from .config import EngineConfig
 from .request import Request, RequestStatus, now
+
+if TYPE_CHECKING:
+    from .attamba import AttambaPages
 
 
 @dataclasses.dataclass
@@ -107,6 +119,8 @@ class SchedulerStats:
     star_prefix_hit_blocks: int = 0   # Star context blocks served whole by allocate_star (hits need not lead)
     star_non_leading_hit_tokens: int = 0  # cached tokens after the first token to compute
     num_state_refills: int = 0        # prefix hits whose last cached token was re-run with slot -1
+    num_attamba_preemptions: int = 0  # preemptions because the attamba layers' page pool was short
+    num_forks: int = 0                # LLMEngine.fork_request children
     peak_used_blocks: int = 0
     peak_running: int = 0
 
@@ -117,16 +131,19 @@ class SchedulerStats:
 class Scheduler:
     """Owns the request queues and every block-manager call; executes block copies on ``cache``."""
 
-    def __init__(self, cfg: EngineConfig, bm: kvplug.BlockManager, cache: kvplug.KvCache, *,
+    def __init__(self, cfg: EngineConfig, bm: kvplug.BlockManager, cache: Optional[kvplug.KvCache], *,
                  star_keys: bool = False, star_layout: Optional[Tuple[int, int]] = None,
-                 refill_state: bool = False) -> None:
-        """``star_keys``: some layer runs Star (prefix keys then carry the context length).
+                 refill_state: bool = False, attamba: Optional["AttambaPages"] = None) -> None:
+        """``cache``: the token-stream layers' cache (None when every layer is attamba).
+        ``star_keys``: some layer runs Star (prefix keys then carry the context length).
         ``star_layout``: (context_block_size, anchor_size) to allocate with Star keys
         (allocate_star), or None for ordinary allocation. ``refill_state``: some layer keeps
-        per-sequence state, so a prefix-cache hit re-runs its last cached token first."""
+        per-sequence state, so a prefix-cache hit re-runs its last cached token first.
+        ``attamba``: the attamba layers' pages (None without attamba layers)."""
         self.cfg = cfg
         self.bm = bm
         self.cache = cache
+        self.attamba = attamba
         self.star_keys = star_keys
         self.star_layout = star_layout
         self.refill_state = refill_state
@@ -161,6 +178,8 @@ class Scheduler:
         """End a request: release its blocks (device or host) and drop it from every queue."""
         if req.status in (RequestStatus.RUNNING, RequestStatus.SWAPPED):
             self.bm.free(req.seq_id)
+            if self.attamba is not None:
+                self.attamba.release(req.seq_id)
         for q in (self.waiting, self.running, self.swapped):
             if req in q:
                 q.remove(req)
@@ -188,7 +207,7 @@ class Scheduler:
         self.running.remove(victim)
         victim.num_preemptions += 1
         self.stats.num_preemptions += 1
-        if self.cfg.preemption_mode == "swap" and self.cfg.num_host_blocks > 0:
+        if self.cfg.preemption_mode == "swap" and self.cfg.num_host_blocks > 0 and self.attamba is None:
             try:
                 copies = self.bm.swap_out(victim.seq_id)
             except kvplug.NoFreeBlocksError:
@@ -201,6 +220,8 @@ class Scheduler:
                 self.stats.num_blocks_swapped_out += len(copies)
                 return
         self.bm.free(victim.seq_id)
+        if self.attamba is not None:
+            self.attamba.release(victim.seq_id)
         victim.num_computed_tokens = 0
         victim.cached_ranges = []
         victim.num_bm_tokens = 0
@@ -252,9 +273,36 @@ class Scheduler:
                 return False
         copy = self.bm.append(req.seq_id, req.token_ids[req.num_bm_tokens:])
         if copy is not None:  # the last block was shared (after a fork): copy on write first
-            self.cache.copy_blocks([copy])
+            if self.cache is not None:  # (no token-stream layer: the blocks hold nothing)
+                self.cache.copy_blocks([copy])
             self.stats.num_cow_copies += 1
         req.num_bm_tokens = len(req.token_ids)
+        return True
+
+    def _next_step_tokens(self, req: Request, budget: int) -> Tuple[int, int]:
+        """(start, n): the positions ``take`` gives ``req``'s entry with this budget (attamba models
+        have neither cached ranges nor refills: one entry)."""
+        req.skip_cached()
+        start = req.num_computed_tokens
+        return start, min(len(req.token_ids) - start, budget)
+
+    def _prepare_attamba(self, req: Request, budget: int, may_preempt: bool) -> bool:
+        """Pages of the attamba layers for ``req``'s next step. Preempts the newest running requests
+        while the pool is short (``may_preempt``). False if ``req`` could not get them (it was
+        preempted itself, or may not preempt)."""
+        if self.attamba is None:
+            return True
+        start, n = self._next_step_tokens(req, budget)
+        if n <= 0:
+            return True
+        while not self.attamba.prepare(req.seq_id, start, start + n):
+            if not may_preempt:
+                return False
+            victim = self.running[-1]
+            self._preempt(victim)
+            self.stats.num_attamba_preemptions += 1
+            if victim is req:
+                return False
         return True
 
     # -------------------------------------------------------------------------------------------
@@ -290,6 +338,10 @@ class Scheduler:
                 end = ranges[i][0] if i < len(ranges) else len(req.token_ids)
                 refill = req.needs_state_refill and pos == req.num_computed_tokens and pos > 0
                 n = min(end - pos, budget - int(refill))
+                if self.attamba is not None:  # prepared just before (same positions): never short here
+                    assert not refill and not entries, "attamba models have no prefix hits"
+                    if not self.attamba.prepare(req.seq_id, pos, pos + n):
+                        raise AssertionError(f"attamba pages of request {req.request_id} were not prepared")
                 out.append(ScheduledSeq(req, pos, n, refill=refill))
                 budget -= n + int(refill)
                 if refill:
@@ -306,6 +358,8 @@ class Scheduler:
             req = self.running[i]
             if not self._append_pending(req, may_preempt=True):
                 break  # it preempted itself: it was the newest, nothing runs after it
+            if not self._prepare_attamba(req, budget, may_preempt=True):
+                break  # likewise, for the attamba layers' pages
             take(req)
             i += 1
         preempted = self.stats.num_preemptions != preempted_before
@@ -324,7 +378,7 @@ class Scheduler:
             self.swapped.pop(0)
             req.status = RequestStatus.RUNNING
             self._insort(self.running, req)
-            if self._append_pending(req, may_preempt=False):
+            if self._append_pending(req, may_preempt=False) and self._prepare_attamba(req, budget, may_preempt=False):
                 take(req)
 
         # 3. Waiting, in order, while the block manager admits them.
@@ -342,6 +396,8 @@ class Scheduler:
                 continue
             if verdict != kvplug.AllocVerdict.OK:
                 break
+            if self.attamba is not None and not self.attamba.can_admit(req.seq_id, 0, min(len(req.token_ids), budget)):
+                break  # its first step's attamba pages do not fit above the watermark
             if self.star_layout is not None:
                 cached = self._allocate_star(req)
             else:

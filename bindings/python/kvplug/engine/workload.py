@@ -153,8 +153,10 @@ def summarize(engine: LLMEngine, outs: Sequence[RequestOutput], wall: float) -> 
     st = engine.stats()
     steps = engine.step_times
     ec, mc = engine.config, engine.model_config
-    bytes_per_block = (2 * ec.block_size * mc.num_key_value_heads * mc.head_dim * mc.num_hidden_layers
-                       * {"float32": 4, "float16": 2, "bfloat16": 2}[ec.kv_cache_dtype])
+    # A block of the token-stream cache holds every layer but the attamba ones (theirs: their own pool).
+    bytes_per_layer_block = (2 * ec.block_size * mc.num_key_value_heads * mc.head_dim
+                             * {"float32": 4, "float16": 2, "bfloat16": 2}[ec.kv_cache_dtype])
+    bytes_per_block = bytes_per_layer_block * len(engine.token_layers)
     return {
         "num_requests": len(outs),
         "num_completed": len(completed),
@@ -183,6 +185,11 @@ def summarize(engine: LLMEngine, outs: Sequence[RequestOutput], wall: float) -> 
                  "anchor_reuse_blocks": st["star_anchor_reuse_blocks"],
                  "prefix_hit_blocks": st["star_prefix_hit_blocks"],
                  "non_leading_hit_tokens": st["star_non_leading_hit_tokens"]},
+        "attamba": None if engine.attamba is None else {
+            "layers": st["attamba_layers"], "pages": st["attamba_num_blocks"],
+            "peak_used_pages": st["attamba_peak_used_pages"],
+            "bytes_per_page": bytes_per_layer_block * st["attamba_layers"],
+            "preemptions": st["num_attamba_preemptions"]},
         # Attention-entropy telemetry per layer and head (None without it): EntropyTelemetry.report().
         "entropy": engine.entropy_report(),
     }
@@ -218,6 +225,11 @@ def format_report(m: Dict[str, Any]) -> str:
                                        f"encoded ({star['anchor_reuse_blocks']} reading the anchor's pages), "
                                        f"{star['prefix_keys']} prefix keys: {star['prefix_hit_blocks']} Star blocks "
                                        f"hit, {star['non_leading_hit_tokens']} cached tokens after a miss"))
+    att = m.get("attamba")
+    if att:
+        rows.append(("attamba pages", f"{att['layers']} layers, peak {att['peak_used_pages']} of {att['pages']} pages "
+                                      f"({att['peak_used_pages'] * att['bytes_per_page'] / 2**20:.2f} MiB: chunk-end "
+                                      f"rows + windows), {att['preemptions']} preemptions for them"))
     if m.get("entropy"):
         from .telemetry import summary_line
 
