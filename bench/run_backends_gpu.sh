@@ -3,8 +3,8 @@
 # same job.
 #   bench/run_backends_gpu.sh STAGE OUT tests   the GPU tests (variant family incl. the Star planner,
 #                                            communicators incl. NCCL with one rank, dense through the
-#                                            ABI), compute-sanitizer memcheck/racecheck over the Star
-#                                            and comm tests, and the demo (a star row on the GPU)
+#                                            ABI), compute-sanitizer memcheck/racecheck over the
+#                                            variant, kv_shift and comm tests, and the demo
 #   bench/run_backends_gpu.sh STAGE OUT bench   bench/star_bench.py, ../shared/tools/star-peers.py,
 #                                               bench/entropy_bench.py, bench/kv_shift_bench.py
 # STAGE (bench/stage_gpu.sh) holds lib/ (libkvplug.so and the non-system libraries), the test
@@ -25,15 +25,15 @@ if [ "$what" = tests ]; then
     grep -E "^\[  (PASSED|FAILED|SKIPPED)|Failure|star" "$out/$t.log" | tail -25
   done
   for tool in memcheck racecheck; do
-    echo "== compute-sanitizer $tool (Star planner, entropy, communicators)"
-    KVP_GPU_TRIALS=1 compute-sanitizer --tool $tool --error-exitcode 9 "$stage/variant_gpu_test" \
-      --gtest_filter='*Star*:*Entropy*' > "$out/sanitizer_${tool}_star.log" 2>&1
-    echo "variant(star) rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_${tool}_star.log" | tail -1)"
-    compute-sanitizer --tool $tool --error-exitcode 9 "$stage/comm_gpu_test" > "$out/sanitizer_${tool}_comm.log" 2>&1
-    echo "comm rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_${tool}_comm.log" | tail -1)"
+    echo "== compute-sanitizer $tool (variant family incl. Star and entropy, kv_shift, communicators)"
+    for t in variant_gpu_test kv_shift_gpu_test comm_gpu_test; do
+      KVP_GPU_TRIALS=1 timeout 170 compute-sanitizer --tool $tool --error-exitcode 9 "$stage/$t" > "$out/sanitizer_${tool}_$t.log" 2>&1
+      r=$?; rc=$((rc | r))
+      echo "$t rc=$r $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_${tool}_$t.log" | tail -1)"
+    done
   done
   if [ -x "$stage/kvplug-demo" ]; then
-    echo "== demo"; "$stage/kvplug-demo" "$KVP_LIBRARY" > "$out/demo.txt" 2>&1; echo "demo rc=$?"; grep -E "^(dense|star|entropy|kv_shift) " "$out/demo.txt"
+    echo "== demo"; "$stage/kvplug-demo" "$KVP_LIBRARY" > "$out/demo.txt" 2>&1; echo "demo rc=$?"; grep -E "^(dense|star|entropy|kv_shift|attamba) " "$out/demo.txt"
   fi
   echo "tests rc=$rc"
 else
