@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
     for (int i = 0; i < Cfg::kDTiles; ++i) o_acc[a][i][0] = o_acc[a][i][1] = o_acc[a][i][2] = o_acc[a][i][3] = 0.f;
   // Rows g and g + 8 of each atom: max in log2 units, partial sum, partial sum of p * s (entropy).
   float row_max[A][2], row_sum[A][2], row_u[A][2];
-  float row_scale[A][2];  // kGeneral: the natural-log scale of each row's logits
+  float row_scale[A][2];  // kGeneral: each row's logit scale, in log2 units
   int my_pos[A][2];
 #pragma unroll
   for (int a = 0; a < A; ++a)
@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
           sc *= p.variant.scale_table[static_cast<int64_t>(head) * p.variant.scale_table_len +
                                       min(my_pos[a][h], p.variant.scale_table_len - 1)];
         }
-        row_scale[a][h] = sc;
+        row_scale[a][h] = sc * kLog2e;
       }
     }
   const float scale_log2 = p.variant.sm_scale * kLog2e * (FP8 ? p.k_scale : 1.f);
@@ -396,34 +396,55 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
     const bool edge = start + BLOCK_N > seg_end || mapped ||
                       warp_first_pos - (pos_base + start + BLOCK_N - 1) < lag_min ||
                       static_cast<long long>(warp_last_pos) - (pos_base + start) > lag_max;
+    // Scale (and soft-cap) the tile's logits, then mask it, each a whole-tile pass under one uniform
+    // branch: a branch per element splits the unrolled loop into a basic block per element.
+    if constexpr (kGeneral) {
+#pragma unroll
+      for (int a = 0; a < A; ++a)
+#pragma unroll
+        for (int j = 0; j < Cfg::kNTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[a][j][e] *= row_scale[a][e / 2];
+      if (cap > 0.f) {
+        const float cap_log2 = cap * kLog2e, inv_cap_log2 = 1.f / cap_log2;
+#pragma unroll
+        for (int a = 0; a < A; ++a)
+#pragma unroll
+          for (int j = 0; j < Cfg::kNTiles; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[a][j][e] = cap_log2 * tanhf(s[a][j][e] * inv_cap_log2);
+      }
+    } else {
+#pragma unroll
+      for (int a = 0; a < A; ++a)
+#pragma unroll
+        for (int j = 0; j < Cfg::kNTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[a][j][e] *= scale_log2;
+    }
+    if (edge) {
+#pragma unroll
+      for (int a = 0; a < A; ++a)
+#pragma unroll
+        for (int j = 0; j < Cfg::kNTiles; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = start + warp_n * Cfg::kWarpCols + j * 8 + 2 * t + (e % 2);
+            bool ok = key < seg_end;
+            int key_pos = pos_base + key;
+            if (mapped) key_pos = ok ? __ldg(p.pos_map + pos_map + key) : 0;
+            const int lag = my_pos[a][e / 2] - key_pos;
+            ok = ok && lag >= lag_min && lag <= lag_max;
+            s[a][j][e] = ok ? s[a][j][e] : kNegInf;
+          }
+    }
 #pragma unroll
     for (int a = 0; a < A; ++a) {
       float tile_max[2] = {kNegInf, kNegInf};
 #pragma unroll
       for (int j = 0; j < Cfg::kNTiles; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e / 2;
-          float v;
-          if constexpr (kGeneral) {
-            v = s[a][j][e] * row_scale[a][h];
-            if (cap > 0.f) v = cap * tanhf(v / cap);
-            v *= kLog2e;
-          } else {
-            v = s[a][j][e] * scale_log2;
-          }
-          if (edge) {
-            const int key = start + warp_n * Cfg::kWarpCols + j * 8 + 2 * t + (e % 2);
-            bool ok = key < seg_end;
-            int key_pos = pos_base + key;
-            if (mapped) key_pos = ok ? __ldg(p.pos_map + pos_map + key) : 0;
-            const int lag = my_pos[a][h] - key_pos;
-            ok = ok && lag >= lag_min && lag <= lag_max;
-            v = ok ? v : kNegInf;
-          }
-          s[a][j][e] = v;
-          tile_max[h] = fmaxf(tile_max[h], v);
-        }
+        for (int e = 0; e < 4; ++e) tile_max[e / 2] = fmaxf(tile_max[e / 2], s[a][j][e]);
       float correction[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
