@@ -12,6 +12,8 @@
 namespace kvplug::attn::cuda {
 namespace {
 
+constexpr int kMaxRopeHalf = 256;  // rotary_dim <= head_size <= 512 (host-checked in LaunchMixWrite)
+
 __device__ __forceinline__ float LoadIn(const void* base, int32_t dtype, int64_t i) {
   if (dtype == 1) return __half2float(static_cast<const __half*>(base)[i]);
   if (dtype == 2) return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
@@ -50,20 +52,29 @@ __global__ void MixWriteKernel(const MixWriteParams p) {
     return c * cur + w * prev;
   };
   const bool rope = p.rope_theta > 0.f;
+  // The token's rotation angles, once per frequency instead of once per (head, element): cos/sin in
+  // double, as the CPU write (--use_fast_math would make the float functions inexact at large angles).
+  __shared__ float rope_cos[kMaxRopeHalf], rope_sin[kMaxRopeHalf];
+  const int half = p.rotary_dim / 2;
+  if (rope) {
+    for (int j = threadIdx.x; j < half; j += blockDim.x) {
+      double sn, cs;
+      sincos(double(pos) * pow(double(p.rope_theta), -2.0 * j / p.rotary_dim), &sn, &cs);
+      rope_cos[j] = static_cast<float>(cs);
+      rope_sin[j] = static_cast<float>(sn);
+    }
+    __syncthreads();
+  }
   for (int i = threadIdx.x; i < 2 * H * D; i += blockDim.x) {
     const int kv = i / (H * D), h = (i / D) % H, d = i % D;
     float val = mixed(kv, h, d);
     if (rope && kv == 0 && d < p.rotary_dim) {
-      // RoPE after the mix (keys only): cos/sin in double, as the CPU write (--use_fast_math would
-      // make the float functions inexact at large angles).
-      const int half = p.rotary_dim / 2;
+      // RoPE after the mix (keys only).
       const bool first = p.rope_gptj ? (d % 2 == 0) : (d < half);
       const int j = p.rope_gptj ? d / 2 : (first ? d : d - half);
       const int partner = p.rope_gptj ? (first ? d + 1 : d - 1) : (first ? d + half : d - half);
       const float other = mixed(0, h, partner);
-      double sn, cs;
-      sincos(double(pos) * pow(double(p.rope_theta), -2.0 * j / p.rotary_dim), &sn, &cs);
-      const float c = static_cast<float>(cs), s = static_cast<float>(sn);
+      const float c = rope_cos[j], s = rope_sin[j];
       val = first ? val * c - other * s : val * c + other * s;
     }
     void* page = kv == 0 ? p.pages.k : p.pages.v;
@@ -89,6 +100,7 @@ __global__ void MixStateKernel(const MixWriteParams p) {
 
 int LaunchMixWrite(const MixWriteParams& p, void* stream) {
   if (p.num_tokens == 0) return cudaSuccess;
+  if (p.rope_theta > 0.f && p.rotary_dim / 2 > kMaxRopeHalf) return cudaErrorInvalidValue;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   MixWriteKernel<<<p.num_tokens, 256, 0, s>>>(p);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
