@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Vet, test (with the race detector) and run the demo of the Go binding against a built libkvplug.
 # Usage: bindings/go/run_tests.sh BUILD_DIR   (the CMake build directory holding abi/libkvplug.so)
-# Offline: the binding uses the standard library only (GOPROXY=off); installs golang-go with apt-get
-# if `go` is missing.
+# The package is built through pkg-config against BUILD_DIR installed into a prefix
+# (KVPLUG_GO_PREFIX, default /tmp/kvplug-go/prefix). Offline: the binding uses the standard library
+# only (GOPROXY=off); installs golang-go with apt-get if `go` is missing; needs cmake and pkg-config.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,9 +25,17 @@ fi
 go version
 
 export CGO_ENABLED=1
-# The library directory is the caller's to supply (the package's #cgo LDFLAGS only say -lkvplug);
-# the rpath lets test binaries and the demo find it without LD_LIBRARY_PATH.
-export CGO_LDFLAGS="-L$lib_dir -Wl,-rpath,$lib_dir${CGO_LDFLAGS:+ $CGO_LDFLAGS}"
+# The package finds kvplug through pkg-config (#cgo pkg-config: kvplug): the build is installed
+# into a prefix (cmake --install; a fixed one beside the Go caches, so that the flags, and with them
+# go's build cache, stay the same from run to run) whose kvplug.pc comes first on PKG_CONFIG_PATH.
+# The rpath lets test binaries and the demo find the installed library without LD_LIBRARY_PATH.
+prefix="${KVPLUG_GO_PREFIX:-/tmp/kvplug-go/prefix}"
+cmake --install "$build" --prefix "$prefix" >/dev/null
+pc_dir="$(dirname "$(find "$prefix" -name kvplug.pc | head -1)")"
+export PKG_CONFIG_PATH="$pc_dir${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+echo "pkg-config kvplug: $(pkg-config --cflags --libs kvplug)"
+libdir="$(cd "$(pkg-config --variable=libdir kvplug)" && pwd)"
+export CGO_LDFLAGS="-Wl,-rpath,$libdir${CGO_LDFLAGS:+ $CGO_LDFLAGS}"
 # dlpack/dlpack.h: wherever CMake found it, if not on the default include path.
 dlpack_dir="$(sed -n 's/^DLPACK_INCLUDE_DIR:[A-Z]*=//p' "$build/CMakeCache.txt" 2>/dev/null || true)"
 if [[ -n "$dlpack_dir" && "$dlpack_dir" != "/usr/include" ]]; then

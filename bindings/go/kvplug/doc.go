@@ -3,14 +3,17 @@
 //
 // # Building
 //
-// The package links against libkvplug.so with cgo. The header directory is found relative to this
-// package; the library directory is the caller's to supply, for example:
+// The package links against libkvplug.so with cgo, through pkg-config (#cgo pkg-config: kvplug):
+// install kvplug (cmake --install BUILD --prefix PREFIX writes PREFIX/lib/pkgconfig/kvplug.pc) and,
+// for a prefix pkg-config does not search, point PKG_CONFIG_PATH at it; the rpath is the caller's:
 //
-//	export CGO_LDFLAGS="-L$BUILD/abi -Wl,-rpath,$BUILD/abi"
+//	export PKG_CONFIG_PATH=$PREFIX/lib/pkgconfig
+//	export CGO_LDFLAGS="-Wl,-rpath,$PREFIX/lib"
 //	go test ./...
 //
-// (bindings/go/run_tests.sh BUILD_DIR does this.) dlpack/dlpack.h must be on the C include path;
-// add CGO_CFLAGS=-I<dir> if it is not in a default location.
+// (bindings/go/run_tests.sh BUILD_DIR does this, installing the build into a prefix.)
+// dlpack/dlpack.h must be on the C include path; add CGO_CFLAGS=-I<dir> if it is not in a default
+// location.
 //
 // # Handles and lifetimes
 //

@@ -1,8 +1,7 @@
 package kvplug
 
 /*
-#cgo CFLAGS: -I${SRCDIR}/../../../abi/include
-#cgo LDFLAGS: -lkvplug
+#cgo pkg-config: kvplug
 #include "kvplug_go.h"
 */
 import "C"

@@ -531,14 +531,29 @@ def _abi_version_only(path: str) -> Tuple[ctypes.CDLL, int]:
     return cdll, int(fn())
 
 
+def bundled_library() -> Optional[str]:
+    """The library installed in the package folder (a wheel ships ``libkvplug.so.0`` next to the
+    modules), or None when the package has none (a source checkout)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in (f"libkvplug.so.{ABI_VERSION_MAJOR}", "libkvplug.so"):
+        path = os.path.join(here, name)
+        if os.path.exists(path):
+            return path
+    return None
+
+
 def candidate_paths() -> List[str]:
-    """Where :func:`load` looks, in order: ``$KVPLUG_LIBRARY``; the package folder; the system."""
+    """Where :func:`load` looks, in order: ``$KVPLUG_LIBRARY`` alone when it is set; else the library
+    in the package folder alone when there is one (a library on the loader's path, LD_LIBRARY_PATH
+    or the system's, never replaces the one the package ships); else the loader's path
+    (``ctypes.util.find_library``, then the soname)."""
     env = os.environ.get("KVPLUG_LIBRARY")
     if env:
         return [env]
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = [os.path.join(here, n) for n in (f"libkvplug.so.{ABI_VERSION_MAJOR}", "libkvplug.so")
-           if os.path.exists(os.path.join(here, n))]
+    bundled = bundled_library()
+    if bundled is not None:
+        return [bundled]
+    out: List[str] = []
     found = ctypes.util.find_library("kvplug")
     if found:
         out.append(found)
@@ -565,8 +580,11 @@ def load(path: Optional[str] = None) -> Api:
                 raise LibraryLoadError(f"kvplug is already loaded from {_api.path}; cannot load {path} too")
             return _api
         explicit = path if path is not None else os.environ.get("KVPLUG_LIBRARY") or None
+        if explicit is None:
+            explicit = bundled_library()
         if explicit is not None:
-            # An explicit path is never second-guessed: its failure is the error.
+            # An explicit path, or the package's own library, is never second-guessed: its failure
+            # is the error (falling back to another libkvplug on the loader's path would hide it).
             cdll, version = _abi_version_only(explicit)
             check_abi_version(version, explicit)
             _api = Api(cdll, explicit)

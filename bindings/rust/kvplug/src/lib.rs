@@ -59,9 +59,11 @@
 //! the failure. Thread safety follows the header: what it allows concurrently takes `&self`, the
 //! rest `&mut self`; each `Send`/`Sync` impl states its reason.
 //!
-//! Linking: the build script of `kvplug-sys` links `libkvplug` from `KVPLUG_LIB_DIR` (default: the
-//! repository's `build/abi`) and this crate's tests and examples get an rpath to it. Binaries of
-//! other crates need the library on their loader path (rpath or `LD_LIBRARY_PATH`).
+//! Linking: the build script of `kvplug-sys` links `libkvplug` from `KVPLUG_LIB_DIR` when it is set,
+//! else where `pkg-config kvplug` says (an installed kvplug; `PKG_CONFIG_PATH=PREFIX/lib/pkgconfig`
+//! for a private prefix), else from the repository's `build/abi`; this crate's tests and examples get
+//! an rpath to it. Binaries of other crates need the library on their loader path (rpath or
+//! `LD_LIBRARY_PATH`).
 
 mod attention;
 mod block_manager;
