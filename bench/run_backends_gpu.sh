@@ -4,7 +4,7 @@
 #   bench/run_backends_gpu.sh STAGE OUT tests   the GPU tests (variant family incl. the Star planner,
 #                                            communicators incl. NCCL with one rank, dense through the
 #                                            ABI), compute-sanitizer memcheck/racecheck over the
-#                                            variant, kv_shift and comm tests, and the demo
+#                                            variant, kv_shift, comm and attamba tests, and the demo
 #   bench/run_backends_gpu.sh STAGE OUT bench   bench/star_bench.py, ../shared/tools/star-peers.py,
 #                                               bench/entropy_bench.py, bench/kv_shift_bench.py
 # STAGE (bench/stage_gpu.sh) holds lib/ (libkvplug.so and the non-system libraries), the test
@@ -18,15 +18,15 @@ export NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 if [ "$what" = tests ]; then
   rc=0
-  for t in variant_gpu_test comm_gpu_test kv_shift_gpu_test dense_gpu_test; do
+  for t in variant_gpu_test comm_gpu_test kv_shift_gpu_test dense_gpu_test attamba_gpu_test; do
     [ -x "$stage/$t" ] || { echo "missing $t"; rc=1; continue; }
     echo "== $t"
     "$stage/$t" > "$out/$t.log" 2>&1; r=$?; rc=$((rc | r))
     grep -E "^\[  (PASSED|FAILED|SKIPPED)|Failure|star" "$out/$t.log" | tail -25
   done
   for tool in memcheck racecheck; do
-    echo "== compute-sanitizer $tool (variant family incl. Star and entropy, kv_shift, communicators)"
-    for t in variant_gpu_test kv_shift_gpu_test comm_gpu_test; do
+    echo "== compute-sanitizer $tool (variant family incl. Star and entropy, kv_shift, communicators, attamba)"
+    for t in variant_gpu_test kv_shift_gpu_test comm_gpu_test attamba_gpu_test; do
       KVP_GPU_TRIALS=1 timeout 170 compute-sanitizer --tool $tool --error-exitcode 9 "$stage/$t" > "$out/sanitizer_${tool}_$t.log" 2>&1
       r=$?; rc=$((rc | r))
       echo "$t rc=$r $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_${tool}_$t.log" | tail -1)"

@@ -10,7 +10,7 @@ mkdir -p "$stage/lib"
 cp -L "$build/abi/libkvplug.so" "$stage/lib/libkvplug.so"
 strip --strip-debug "$stage/lib/libkvplug.so"
 bins=()
-for t in variant_gpu_test comm_gpu_test kv_shift_gpu_test dense_gpu_test; do
+for t in variant_gpu_test comm_gpu_test kv_shift_gpu_test dense_gpu_test attamba_gpu_test; do
   [ -x "$build/tests/$t" ] && cp "$build/tests/$t" "$stage/" && strip --strip-debug "$stage/$t" && bins+=("$build/tests/$t")
 done
 [ -x "$build/bench/kvplug-demo" ] && cp "$build/bench/kvplug-demo" "$stage/"

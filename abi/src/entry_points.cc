@@ -765,8 +765,17 @@ KVP_API kvp_status kvp_attention_write_kv(const kvp_attention* attention, const 
     TensorView k, v;
     KVP_RETURN_IF_ERROR(ToTensorView(key, "key", attention->context, 3, &k));
     KVP_RETURN_IF_ERROR(ToTensorView(value, "value", attention->context, 3, &v));
-    const attn::WriteArgs args{plan->plan, *cache->cache, layer, k, v, attention->context->exec};
+    attn::WriteArgs args{plan->plan, *cache->cache, layer, k, v, attention->context->exec};
     KVP_RETURN_IF_ERROR(FromStatus(attn::ValidateWrite(attention->heads, args)));
+    // Backends whose write reads extra slots from the plan step (attamba's compressed rows, uploaded
+    // with the plan on CUDA): the step work, built at kvp_plan_update when attached.
+    if (attention->context->exec.device == Device::kCuda && attention->impl->planner()->has_write_slots() &&
+        !plan->plan.empty()) {
+      auto work = plan->steps.Get(attention->step_key, *attention->impl, attention->heads, plan->plan,
+                                  attention->context->exec);
+      if (!work.ok()) return FromStatus(work.status());
+      args.work = *work;
+    }
     return FromStatus(attention->impl->WriteKv(args));
   });
 }

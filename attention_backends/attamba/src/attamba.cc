@@ -7,9 +7,15 @@
 
 #include "fmt/format.h"
 #include "kvplug/attention/engine.h"
+#include "kvplug/attention/step_work.h"
+#include "kvplug/kv_cache/cuda_kernels.h"
+#ifdef KVP_HAVE_CUDA
+#include "ssm_cuda.h"
+#endif
 
 namespace kvplug::attn::attamba {
 
+absl::Status ValidateSsmArgs(const SsmShape& shape, const SsmArgs& args);                          // ssm_cpu.cc
 absl::Status RunSsmCpu(const AttambaConfig& config, const SsmShape& shape, const SsmArgs& args);  // ssm_cpu.cc
 
 namespace {
@@ -98,6 +104,42 @@ absl::Status ReadStep(const AttambaConfig& c, const BatchPlan& plan, int32_t b, 
   return absl::OkStatus();
 }
 
+// Every token's compressed slot (its chunk-end row's slot, -1 for other tokens and for rows below
+// context_lens[b], held in shared prefix-cache pages) into `compressed` when it is non-null
+// ([num_tokens]); with `check_window`, the plan's slot_mapping is checked against each token's
+// window slot (or -1). The CPU write and, on CUDA, the plan step (uploaded with the plan) share it.
+absl::Status CompressedSlots(const AttambaConfig& config, const ChunkGeometry& geometry, const BatchPlan& plan,
+                             bool check_window, int64_t* compressed) {
+  const auto qsl = plan.query_start_loc();
+  const auto slots = plan.slot_mapping();
+  const auto indices = plan.kv_indices();
+  const int32_t bs = plan.block_size();
+  if (compressed) std::fill_n(compressed, plan.num_tokens(), int64_t{-1});
+  for (int32_t b = 0; b < plan.num_seqs(); ++b) {
+    if (qsl[b + 1] == qsl[b]) continue;
+    SeqStep st;
+    if (absl::Status s = ReadStep(config, plan, b, &st); !s.ok()) return s;
+    const int32_t cached_rows = plan.context_len(b);
+    for (int32_t t = qsl[b]; t < qsl[b + 1]; ++t) {
+      const int32_t p = st.p0 + (t - qsl[b]);
+      if (check_window) {
+        const int64_t window_slot =
+            int64_t{indices[st.page + st.layout.compressed_pages + p / bs - st.layout.window_first_page]} * bs + p % bs;
+        if (slots[t] != -1 && slots[t] != window_slot)
+          return Bad(fmt::format("slot_mapping[{}]={}: token {} of sequence {} (position {}) has window slot {} "
+                                 "(page list entry {} + {}), or -1 to store nothing", t, slots[t], t - qsl[b], b, p,
+                                 window_slot, st.layout.compressed_pages + p / bs - st.layout.window_first_page,
+                                 p % bs));
+      }
+      if (compressed && geometry.IsChunkEnd(p)) {
+        const int64_t row = geometry.EndsBefore(p);
+        if (row >= cached_rows) compressed[t] = int64_t{indices[st.page + row / bs]} * bs + row % bs;
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 class AttambaPlanner final : public KeySetPlanner {
@@ -147,6 +189,13 @@ class AttambaPlanner final : public KeySetPlanner {
     return absl::OkStatus();
   }
 
+  // The compressed slots of the step's chunk ends (CUDA: uploaded with the plan for WriteKv).
+  bool has_write_slots() const override { return true; }
+  absl::Status BuildWriteSlots(const BatchPlan& plan, absl::Span<int64_t> out) const override {
+    if (out.size() < size_t(plan.num_tokens())) return absl::InternalError("attamba planner: write slots too short");
+    return CompressedSlots(config_, geometry_, plan, /*check_window=*/false, out.data());
+  }
+
  private:
   AttambaConfig config_;
   ChunkGeometry geometry_;
@@ -170,37 +219,30 @@ class Attamba final : public VariantBackend {
   }
 
   absl::Status WriteKv(const WriteArgs& a) const override {
+    const BatchPlan& plan = a.plan;
+    if (a.cache.device() == Device::kCuda) {
+      // The compressed slots were built and uploaded with the plan step: only checks (host) and
+      // two launches of the cache's write here.
+      if (!a.work || !a.work->device_write_slots || a.work->generation != plan.generation())
+        return absl::FailedPreconditionError(
+            "attamba: the CUDA write needs this step's compressed slots from the plan step (kvp_plan_attach the "
+            "attention, or write through kvp_attention_write_kv)");
+      if (absl::Status s = CompressedSlots(config_, geometry_, plan, /*check_window=*/true, nullptr); !s.ok()) return s;
+      const absl::Span<const int64_t> compressed(a.work->write_slots.data(), size_t(plan.num_tokens()));
+      if (absl::Status s = a.cache.Write(a.layer, a.key, a.value, plan.slot_mapping(), plan.device_slot_mapping(),
+                                         a.exec.stream);
+          !s.ok())
+        return s;
+      return a.cache.Write(a.layer, a.key, a.value, compressed, a.work->device_write_slots, a.exec.stream);
+    }
     if (a.cache.device() != Device::kCpu)
       return absl::UnimplementedError("attamba: the compressed write runs on the CPU only in this build");
-    const BatchPlan& plan = a.plan;
-    const auto qsl = plan.query_start_loc();
-    const auto slots = plan.slot_mapping();
-    const auto indices = plan.kv_indices();
-    const int32_t bs = plan.block_size();
     // Every token's slots are derived from the page list and checked before anything is written.
     static thread_local std::vector<int64_t> compressed;
     compressed.assign(size_t(plan.num_tokens()), -1);
-    for (int32_t b = 0; b < plan.num_seqs(); ++b) {
-      if (qsl[b + 1] == qsl[b]) continue;
-      SeqStep st;
-      if (absl::Status s = ReadStep(config_, plan, b, &st); !s.ok()) return s;
-      const int32_t cached_rows = plan.context_len(b);
-      for (int32_t t = qsl[b]; t < qsl[b + 1]; ++t) {
-        const int32_t p = st.p0 + (t - qsl[b]);
-        const int64_t window_slot =
-            int64_t{indices[st.page + st.layout.compressed_pages + p / bs - st.layout.window_first_page]} * bs + p % bs;
-        if (slots[t] != -1 && slots[t] != window_slot)
-          return Bad(fmt::format("slot_mapping[{}]={}: token {} of sequence {} (position {}) has window slot {} "
-                                 "(page list entry {} + {}), or -1 to store nothing", t, slots[t], t - qsl[b], b, p,
-                                 window_slot, st.layout.compressed_pages + p / bs - st.layout.window_first_page,
-                                 p % bs));
-        if (geometry_.IsChunkEnd(p)) {
-          const int64_t row = geometry_.EndsBefore(p);
-          if (row >= cached_rows) compressed[t] = int64_t{indices[st.page + row / bs]} * bs + row % bs;
-        }
-      }
-    }
-    if (absl::Status s = a.cache.Write(a.layer, a.key, a.value, slots, nullptr, nullptr); !s.ok()) return s;
+    if (absl::Status s = CompressedSlots(config_, geometry_, plan, /*check_window=*/true, compressed.data()); !s.ok())
+      return s;
+    if (absl::Status s = a.cache.Write(a.layer, a.key, a.value, plan.slot_mapping(), nullptr, nullptr); !s.ok()) return s;
     return a.cache.Write(a.layer, a.key, a.value, compressed, nullptr, nullptr);
   }
 
@@ -209,12 +251,62 @@ class Attamba final : public VariantBackend {
       return absl::FailedPreconditionError(
           "attamba: the config has ssm_heads = 0 (the engine runs its own SSM); set ssm_heads, ssm_head_dim, "
           "state_size, ssm_groups and conv_width to run it here");
+#ifndef KVP_HAVE_CUDA
     if (a.cache.device() != Device::kCpu)
       return absl::UnimplementedError("attamba: the SSM runs on the CPU only in this build");
-    return RunSsmCpu(config_, ShapeOf(config_), a);
+#endif
+    const SsmShape shape = ShapeOf(config_);
+    if (absl::Status s = ValidateSsmArgs(shape, a); !s.ok()) return s;
+    if (a.cache.device() == Device::kCpu) return RunSsmCpu(config_, shape, a);
+#ifdef KVP_HAVE_CUDA
+    return RunSsmCuda(shape, a);
+#else
+    return absl::UnimplementedError("attamba: the SSM runs on the CPU only in this build");
+#endif
   }
 
  private:
+#ifdef KVP_HAVE_CUDA
+  absl::Status RunSsmCuda(const SsmShape& shape, const SsmArgs& a) const {
+    const BatchPlan& plan = a.plan;
+    if (!plan.on_device() || a.in.device != Device::kCuda || a.out.device != Device::kCuda)
+      return absl::InvalidArgumentError("attamba ssm: a CUDA cache needs a CUDA plan and in/out on the device");
+    auto state = a.cache.State(a.layer, 0);  // slot 0 exists: ValidateSsmArgs checked num_state_slots > 0
+    if (!state.ok()) return state.status();
+    auto vec = [](const TensorView* v) { return v ? static_cast<const float*>(v->data) : nullptr; };
+    cuda::SsmParams p;
+    p.in = static_cast<const float*>(a.in.data);
+    p.in_stride = a.in.strides[0];
+    p.out = static_cast<float*>(a.out.data);
+    p.out_stride = a.out.strides[0];
+    p.conv_weight = vec(a.conv_weight);
+    p.conv_bias = vec(a.conv_bias);
+    p.dt_bias = vec(a.dt_bias);
+    p.a_log = vec(a.a_log);
+    p.d_skip = vec(a.d_skip);
+    p.norm_weight = vec(a.norm_weight);
+    p.state_base = state->data();
+    p.state_slot_bytes = a.cache.options().state_bytes_per_layer;
+    p.state_offset = a.which * shape.state_floats();
+    p.query_start_loc = plan.device_query_start_loc();
+    p.query_pos_starts = plan.device_query_pos_starts();
+    p.state_slots = plan.device_state_slots();
+    p.num_seqs = plan.num_seqs();
+    p.num_tokens = plan.num_tokens();
+    p.heads = shape.heads;
+    p.head_dim = shape.head_dim;
+    p.state = shape.state;
+    p.groups = shape.groups;
+    p.conv_width = shape.conv_width;
+    p.chunk_size = geometry_.chunk_size;
+    p.chunk_offset = geometry_.offset;
+    p.norm_eps = config_.norm_eps;
+    if (const int e = cuda::LaunchSsm(p, a.exec.stream); e != 0)
+      return absl::InternalError(fmt::format("attamba ssm: kernel launch: {}", kv::cuda::ErrorString(e)));
+    return absl::OkStatus();
+  }
+#endif
+
   AttambaConfig config_;
   ChunkGeometry geometry_;
 };
@@ -223,7 +315,8 @@ class Attamba final : public VariantBackend {
 
 BackendInfo Info() {
   BackendInfo info = FamilyBackendInfo("attamba");
-  info.cuda = DeviceCaps{};  // the compressed write and the SSM are CPU-only so far
+  // CUDA (in CUDA builds): the family's engine; the compressed write through the cache's write with
+  // slots uploaded with the plan step, the SSM in cuda/ssm.cu.
   info.needs_state_slots = true;
   info.experimental = true;
   info.create = [](const HeadConfig& heads, const BackendConfig& config,
@@ -231,6 +324,8 @@ BackendInfo Info() {
     auto parsed = ConfigOrDefault<AttambaConfig>(config, "attamba", "AttambaConfig");
     if (!parsed.ok()) return parsed.status();
     if (absl::Status s = ValidateConfig(*parsed); !s.ok()) return s;
+    if (exec.device == Device::kCuda)
+      if (absl::Status s = CheckCudaEngineSupport(heads); !s.ok()) return s;
     return std::make_unique<Attamba>(heads, *parsed, exec.device);
   };
   return info;

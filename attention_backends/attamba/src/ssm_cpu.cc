@@ -41,7 +41,8 @@ absl::Status CheckRows(const TensorView& v, const char* name, int64_t rows, int6
 
 }  // namespace
 
-absl::Status RunSsmCpu(const AttambaConfig& config, const SsmShape& sh, const SsmArgs& a) {
+// The checks of an SSM call, shared by the CPU and the CUDA paths (attamba.cc runs them first).
+absl::Status ValidateSsmArgs(const SsmShape& sh, const SsmArgs& a) {
   const BatchPlan& plan = a.plan;
   const kv::KvCacheOptions& o = a.cache.options();
   if (a.which != 0 && a.which != 1) return Bad(fmt::format("which={} must be 0 (keys) or 1 (values)", a.which));
@@ -67,8 +68,7 @@ absl::Status RunSsmCpu(const AttambaConfig& config, const SsmShape& sh, const Ss
     if (auto dup = std::adjacent_find(used.begin(), used.end()); dup != used.end())
       return Bad(fmt::format("state slot {} is given to two sequences of the step", *dup));
   }
-  const int64_t T = plan.num_tokens(), Di = sh.d_inner(), Dc = sh.conv_dim(), H = sh.heads, P = sh.head_dim,
-                N = sh.state, G = sh.groups, W = sh.conv_width;
+  const int64_t T = plan.num_tokens(), Di = sh.d_inner(), Dc = sh.conv_dim(), H = sh.heads, W = sh.conv_width;
   if (absl::Status s = CheckRows(a.in, "in", T, sh.in_dim()); !s.ok()) return s;
   if (absl::Status s = CheckRows(a.out, "out", T, Di); !s.ok()) return s;
   if (!a.conv_weight) return Bad("conv_weight is required");
@@ -80,7 +80,14 @@ absl::Status RunSsmCpu(const AttambaConfig& config, const SsmShape& sh, const Ss
         std::tuple{a.a_log, "a_log", H, true}, std::tuple{a.d_skip, "d_skip", H, false},
         std::tuple{a.norm_weight, "norm_weight", Di, false}})
     if (absl::Status s = CheckVector(v, name, n, required); !s.ok()) return s;
+  return absl::OkStatus();
+}
 
+// The CPU SSM; `a` has passed ValidateSsmArgs.
+absl::Status RunSsmCpu(const AttambaConfig& config, const SsmShape& sh, const SsmArgs& a) {
+  const BatchPlan& plan = a.plan;
+  const int64_t T = plan.num_tokens(), Di = sh.d_inner(), Dc = sh.conv_dim(), H = sh.heads, P = sh.head_dim,
+                N = sh.state, G = sh.groups, W = sh.conv_width;
   const ChunkGeometry geo{config.chunk_size, ChunkGeometry::Offset(config, config.layer_index)};
   const auto qsl = plan.query_start_loc();
   auto state_of = [&](int32_t b) {

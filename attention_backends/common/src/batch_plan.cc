@@ -45,11 +45,12 @@ struct BatchPlan::DeviceMirror {
   void* slot_mapping = nullptr;
   void* token_seq = nullptr;
   void* state_slots = nullptr;
+  void* query_pos_starts = nullptr;
 };
 
 void BatchPlan::DeviceMirrorDeleter::operator()(DeviceMirror* m) const {
   for (void* p : {m->query_start_loc, m->seq_lens, m->kv_indptr, m->kv_indices, m->slot_mapping, m->token_seq,
-                  m->state_slots})
+                  m->state_slots, m->query_pos_starts})
     kv::cuda::DeviceFree(p);
   delete m;
 }
@@ -63,7 +64,8 @@ absl::Status BatchPlan::EnableDevice(int32_t device_id) {
       {&m->kv_indices, capacity_.max_num_blocks * 4LL},
       {&m->slot_mapping, capacity_.max_num_tokens * 8LL},
       {&m->token_seq, capacity_.max_num_tokens * 4LL},
-      {&m->state_slots, capacity_.max_num_seqs * 4LL}};
+      {&m->state_slots, capacity_.max_num_seqs * 4LL},
+      {&m->query_pos_starts, capacity_.max_num_seqs * 4LL}};
   for (const auto& [ptr, bytes] : buffers) {
     if (ShouldFailAllocation())
       return absl::ResourceExhaustedError(fmt::format("plan: allocating {} device bytes failed (injected)", bytes));
@@ -82,6 +84,7 @@ const int32_t* BatchPlan::device_kv_indices() const { return device_ ? static_ca
 const int64_t* BatchPlan::device_slot_mapping() const { return device_ ? static_cast<const int64_t*>(device_->slot_mapping) : nullptr; }
 const int32_t* BatchPlan::device_token_seq() const { return device_ ? static_cast<const int32_t*>(device_->token_seq) : nullptr; }
 const int32_t* BatchPlan::device_state_slots() const { return device_ ? static_cast<const int32_t*>(device_->state_slots) : nullptr; }
+const int32_t* BatchPlan::device_query_pos_starts() const { return device_ ? static_cast<const int32_t*>(device_->query_pos_starts) : nullptr; }
 
 absl::Status BatchPlan::Upload(void* stream) {
   // From the plan's own host vectors: pageable memory, so the copies are staged before these calls
@@ -93,7 +96,8 @@ absl::Status BatchPlan::Upload(void* stream) {
       {device_->kv_indices, kv_indices_.data(), kv_indptr_[num_seqs_] * 4LL},
       {device_->slot_mapping, slot_mapping_.data(), has_slot_mapping_ ? num_tokens_ * 8LL : 0},
       {device_->token_seq, token_seq_.data(), num_tokens_ * 4LL},
-      {device_->state_slots, state_slots_.data(), has_state_slots_ ? num_seqs_ * 4LL : 0}};
+      {device_->state_slots, state_slots_.data(), has_state_slots_ ? num_seqs_ * 4LL : 0},
+      {device_->query_pos_starts, query_pos_starts_.data(), has_query_pos_starts_ ? num_seqs_ * 4LL : 0}};
   for (const auto& [dst, src, bytes] : copies) {
     if (bytes == 0) continue;
     if (const int e = kv::cuda::MemcpyAsync(dst, src, bytes, stream); e != 0)

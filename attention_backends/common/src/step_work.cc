@@ -15,6 +15,7 @@ StepWork::~StepWork() {
   if (scratch_on_device) {
     kv::cuda::DeviceFree(device_row_keys);
     kv::cuda::DeviceFree(entropy_scratch);
+    kv::cuda::DeviceFree(device_write_slots);
   } else {
     delete[] entropy_scratch;
   }
@@ -37,6 +38,13 @@ absl::Status StepWork::AllocateTelemetry(const PlanCapacity& c, const ExecContex
     return absl::ResourceExhaustedError(fmt::format("entropy scratch of {} bytes: {}", scratch * 4,
                                                     kv::cuda::ErrorString(e)));
   entropy_scratch = static_cast<float*>(ent);
+  if (planner->has_write_slots()) {
+    void* slots = nullptr;
+    write_slots.assign(size_t(c.max_num_tokens), -1);
+    if (const int e = kv::cuda::DeviceAlloc(&slots, int64_t{c.max_num_tokens} * 8, exec.device_id); e != 0)
+      return absl::ResourceExhaustedError(fmt::format("write slots: {}", kv::cuda::ErrorString(e)));
+    device_write_slots = static_cast<int64_t*>(slots);
+  }
   return absl::OkStatus();
 }
 
@@ -51,6 +59,13 @@ absl::Status StepWorkSet::Build(StepWork* work, const BatchPlan& plan, const Exe
     if (const int e = kv::cuda::MemcpyAsync(work->device_row_keys, work->row_keys.data(),
                                             int64_t{plan.num_tokens()} * 4, exec.stream); e != 0)
       return absl::UnavailableError(fmt::format("uploading the keys per token: {}", kv::cuda::ErrorString(e)));
+  if (work->device_write_slots && plan.num_tokens() > 0) {
+    const auto slots = absl::MakeSpan(work->write_slots).first(size_t(plan.num_tokens()));
+    if (absl::Status s = work->planner->BuildWriteSlots(plan, slots); !s.ok()) return s;
+    if (const int e = kv::cuda::MemcpyAsync(work->device_write_slots, slots.data(), int64_t{plan.num_tokens()} * 8,
+                                            exec.stream); e != 0)
+      return absl::UnavailableError(fmt::format("uploading the write slots: {}", kv::cuda::ErrorString(e)));
+  }
   if (work->engine) {
     if (absl::Status s = PlanCudaEngineWork(plan, work->keys, work->heads, exec, work->engine.get()); !s.ok())
       return s;

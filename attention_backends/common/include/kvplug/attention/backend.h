@@ -60,6 +60,8 @@ struct WriteArgs {
   const TensorView& key;    // [num_tokens, num_kv_heads, head_size]
   const TensorView& value;
   const ExecContext& exec;
+  // This backend's plan step for `plan` when its planner has write slots (CUDA), else null.
+  const StepWork* work = nullptr;
 };
 
 // Where a sequence's K/V rows live in its page list for a step over positions [p0, n) (see

@@ -90,6 +90,7 @@ class BatchPlan {
   const int64_t* device_slot_mapping() const;
   const int32_t* device_token_seq() const;
   const int32_t* device_state_slots() const;
+  const int32_t* device_query_pos_starts() const;  // valid when has_query_pos_starts()
 
  private:
   absl::Status Fill(const BatchInput& input);

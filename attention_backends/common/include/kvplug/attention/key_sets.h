@@ -61,6 +61,14 @@ class KeySetPlanner {
   virtual std::string Key() const = 0;
   virtual KeySetBounds Bounds(const PlanCapacity& capacity) const = 0;
   virtual absl::Status Build(const BatchPlan& plan, KeySets* out) const = 0;
+  // Optional per-token write slots the backend's write needs beside the plan's slot_mapping
+  // (attamba: each chunk end's compressed row, -1 elsewhere). Built once per step with the key sets
+  // and, on CUDA, uploaded with them (StepWork::write_slots / device_write_slots), so the write
+  // only launches. `out` has plan.num_tokens() entries.
+  virtual bool has_write_slots() const { return false; }
+  virtual absl::Status BuildWriteSlots(const BatchPlan& /*plan*/, absl::Span<int64_t> /*out*/) const {
+    return absl::OkStatus();
+  }
 };
 
 // Exact causal attention over each sequence's whole page list, optionally windowed (dense and every

@@ -46,6 +46,10 @@ class StepWork {
   int32_t* device_row_keys = nullptr;  // CUDA mirror, or null
   float* entropy_scratch = nullptr;    // host (CPU) or device (CUDA) memory
   bool scratch_on_device = false;
+  // The planner's extra write slots (KeySetPlanner::has_write_slots; CUDA only): host
+  // [max_num_tokens] and its device mirror, filled for the plan's tokens by every build.
+  std::vector<int64_t> write_slots;
+  int64_t* device_write_slots = nullptr;
 };
 
 // Backends with equal keys share a step's work: the planner's key and the head shape (the engine's
