@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 packages=(cmake make g++ pkg-config libflatbuffers-dev flatbuffers-compiler libabsl-dev libfmt-dev
-          libdlpack-dev libgtest-dev libgmock-dev libbenchmark-dev binutils)
+          libdlpack-dev libgtest-dev libgmock-dev libbenchmark-dev libhwy-dev binutils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,6 +2,7 @@
 // calls the layer below. Nothing below this file sees a C struct or a DLTensor.
 #include <cmath>
 #include <new>
+#include <string>
 #include <system_error>
 
 #include "fmt/format.h"
@@ -36,8 +37,18 @@ KVP_API uint32_t kvp_abi_version(void) { return KVP_ABI_VERSION_NUMBER; }
 KVP_API const char* kvp_version_string(void) {
 #define KVP_STR2(x) #x
 #define KVP_STR(x) KVP_STR2(x)
-  return KVP_STR(KVP_ABI_VERSION_MAJOR) "." KVP_STR(KVP_ABI_VERSION_MINOR) "." KVP_STR(
-      KVP_ABI_VERSION_PATCH) " (" KVP_FLAVOUR ")";
+  // The CPU engine's instruction set is chosen at run time, so the string is made once, here.
+  try {
+    static const std::string version = fmt::format(
+        "{} simd={}",
+        KVP_STR(KVP_ABI_VERSION_MAJOR) "." KVP_STR(KVP_ABI_VERSION_MINOR) "." KVP_STR(
+            KVP_ABI_VERSION_PATCH) " (" KVP_FLAVOUR ")",
+        attn::CpuEngineIsa());
+    return version.c_str();
+  } catch (...) {
+    return KVP_STR(KVP_ABI_VERSION_MAJOR) "." KVP_STR(KVP_ABI_VERSION_MINOR) "." KVP_STR(
+        KVP_ABI_VERSION_PATCH) " (" KVP_FLAVOUR ")";
+  }
 }
 
 /* ---------------------------------------------------------------- capabilities */

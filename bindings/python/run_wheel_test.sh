@@ -103,9 +103,9 @@ pkg = sys.argv[1]
 path = os.path.realpath(kvplug.library_path())
 assert path.startswith(pkg + os.sep), f"loaded {path}, not the wheel library in {pkg}"
 assert "dense" in kvplug.backends()
-# Every libkvplug, Abseil and FlatBuffers library mapped into the process is the package copy.
+# Every libkvplug, Abseil, FlatBuffers and Highway library mapped into the process is the package copy.
 maps = {l.split()[-1] for l in open("/proc/self/maps") if ".so" in l}
-ours = [m for m in maps if any(k in os.path.basename(m) for k in ("libkvplug", "libabsl", "libflatbuffers"))]
+ours = [m for m in maps if any(k in os.path.basename(m) for k in ("libkvplug", "libabsl", "libflatbuffers", "libhwy"))]
 stray = [m for m in ours if not os.path.realpath(m).startswith(pkg + os.sep)]
 assert not stray, f"loaded from outside the package: {stray}"
 print("kvplug", kvplug.version_string(), "from", path, "with", len(ours), "bundled libraries mapped")

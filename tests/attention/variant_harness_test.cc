@@ -88,6 +88,36 @@ TEST(VariantHarnessCpu, RandomBatchesEveryPlannerAndFeature) {
   }
 }
 
+TEST(VariantHarnessCpu, FastEngineOnEveryHeadSizeDtypeAndGroup) {
+  // The tiled engine's edges: every CPU head size, each cache and query dtype, groups from 1 to
+  // more query heads than one work item takes (136 > 128 rows), sequences over many key tiles and
+  // query tiles, pages that are not a multiple of the key tile, decode rows (dot kernel) and
+  // prefill rows (transposed-tile kernel) in one batch.
+  std::mt19937 rng(77);
+  const int32_t head_sizes[] = {32, 64, 80, 96, 112, 128, 160, 192, 256};
+  const int32_t gqa[][2] = {{32, 8}, {2, 2}, {12, 4}, {136, 1}, {6, 1}};
+  const DType kv_dtypes[] = {DType::kF32, DType::kF16, DType::kBF16};
+  for (int trial = 0; trial < 18; ++trial) {
+    HarnessCase c;
+    c.head_size = head_sizes[trial % 9];
+    const auto& g = gqa[trial % 5];
+    c.num_q_heads = g[0];
+    c.num_kv_heads = g[1];
+    c.block_size = trial % 3 == 0 ? 5 : 16;
+    c.kv_dtype = kv_dtypes[trial % 3];
+    c.q_dtype = trial % 4 == 3 ? DType::kBF16 : DType::kF32;
+    c.seqs = RandomSeqs(rng, c.block_size, c.num_q_heads > 32 ? 70 : 260);
+    c.seqs.push_back({c.num_q_heads > 32 ? 90 : 301, 1});  // a long decode
+    c.soft_cap = trial % 5 == 4 ? 4.0f : 0.0f;
+    c.scale_table = trial % 4 == 1;
+    c.entropy = trial % 2 == 0;
+    c.seed = 500 + trial;
+    c.planner = trial % 6 == 5 ? RandomPlanner(static_cast<uint32_t>(rng()))
+                               : std::make_shared<attn::CausalPlanner>(trial % 6 == 2 ? 45 : -1);
+    Check(c, c.planner->Key().c_str());
+  }
+}
+
 TEST(VariantHarnessCpu, StarLikeBlocksSeeOnlyTheAnchorAndThemselves) {
   // A direct property, independent of the reference: with anchor + block key sets, changing a key in
   // block 1 changes nothing for tokens of block 2.

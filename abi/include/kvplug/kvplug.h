@@ -74,7 +74,8 @@ typedef enum kvp_status {
  * dlopen: kvp_abi_version() / 10000 == KVP_ABI_VERSION_MAJOR. Never fails. */
 KVP_API uint32_t kvp_abi_version(void);
 
-/* Human-readable library version and build flavour, e.g. "0.1.0 (cpu)". Static storage. */
+/* Human-readable library version, build flavour and the instruction set the CPU engine dispatched
+ * to on this machine, e.g. "0.5.0 (cpu) simd=AVX2" ("AVX3" is AVX-512). Static storage. */
 KVP_API const char* kvp_version_string(void);
 
 /* The name of a status code ("KVP_ERR_INVALID_ARGUMENT"); "KVP_UNKNOWN_STATUS" for others.

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -110,7 +112,7 @@ void RunTokenHead(const CpuAttentionArgs& a, const QuerySpan& span, int32_t t, i
 
 }  // namespace
 
-void RunPagedAttentionCpu(const CpuAttentionArgs& a) {
+void RunPagedAttentionPlain(const CpuAttentionArgs& a) {
   const auto spans = a.keys.spans();
   // Spans cover the batch's tokens in order (KeySets::Validate), so token t's span is found by a
   // binary search over span starts.
@@ -127,6 +129,23 @@ void RunPagedAttentionCpu(const CpuAttentionArgs& a) {
       RunTokenHead(a, span, t, g);
     }
   });
+}
+
+namespace {
+bool UsePlainEngine() {
+  static const bool plain = [] {
+    const char* e = std::getenv("KVP_CPU_ENGINE");
+    return e != nullptr && std::strcmp(e, "plain") == 0;
+  }();
+  return plain;
+}
+}  // namespace
+
+void RunPagedAttentionCpu(const CpuAttentionArgs& a) {
+  if (UsePlainEngine())
+    RunPagedAttentionPlain(a);
+  else
+    RunPagedAttentionFast(a);
 }
 
 absl::Status ValidateMergeStates(const MergeStatesArgs& a) {

@@ -1,7 +1,8 @@
 // The CPU engine of the kernel family: runs any variant (key sets + VariantParams) over a paged
-// layer, and merges partial attention states. It is also the reference the CUDA engine is tested
-// against, so it stays plain: fp32 online softmax per (query token, KV head), all query heads of
-// the KV head sharing each K/V row load.
+// layer, and merges partial attention states. Two implementations of the same contract: the fast
+// one (cpu_fast_engine.cc: tiles of queries x keys, vectorised, dispatched at run time to the
+// machine's instruction set) and the plain one (cpu_engine.cc: fp32 online softmax one key row at
+// a time), kept as a simple check and an A/B. Tests hold both to the harness's double reference.
 #pragma once
 
 #include "absl/status/status.h"
@@ -35,7 +36,13 @@ struct CpuAttentionArgs {
   ThreadPool* pool = nullptr;
 };
 
+// The fast engine, or the plain one when the environment has KVP_CPU_ENGINE=plain (read once).
 void RunPagedAttentionCpu(const CpuAttentionArgs& args);
+void RunPagedAttentionFast(const CpuAttentionArgs& args);
+void RunPagedAttentionPlain(const CpuAttentionArgs& args);
+// The instruction set the fast engine dispatched to on this machine (Highway's name: "AVX2",
+// "AVX3" for AVX-512, "SSE4", "NEON", "EMU128", ...).
+const char* CpuEngineIsa();
 
 // Partial attention states over disjoint key sets of the same queries, merged exactly:
 // lse = logsumexp_i lse_i (max first), out = sum_i exp(lse_i - lse) out_i, and the entropy from
