@@ -357,8 +357,25 @@ void RunItem(const CpuAttentionArgs& a, const Item& it) {
     const KeySegment& seg = a.keys.segments()[si];
     int32_t jlo, jhi;
     KeyRange(seg, pos_map, p_lo, p_hi, &jlo, &jhi);
+    // Rows of one KV head sit a whole token apart (heads x head size) on pages in any order, so the
+    // hardware prefetcher rarely follows them: the next tile's rows are prefetched by hand.
+    const size_t row_bytes = size_t(d) * DTypeSize(pages.dtype);
+    auto prefetch_tile = [&](int32_t t0) {
+      const int32_t t1 = std::min(jhi, t0 + kKeyTile);
+      for (int32_t j = t0; j < t1; ++j) {
+        const int32_t block = kv_indices[seg.page_offset + j / bs];
+        const char* krow = static_cast<const char*>(pages.Row(0, block, j % bs, it.g));
+        const char* vr = static_cast<const char*>(pages.Row(1, block, j % bs, it.g));
+        for (size_t off = 0; off < row_bytes; off += 64) {
+          __builtin_prefetch(krow + off);
+          __builtin_prefetch(vr + off);
+        }
+      }
+    };
+    if (jlo < jhi) prefetch_tile(jlo);
     for (int32_t j0 = jlo; j0 < jhi; j0 += kKeyTile) {
       const int32_t nk = std::min(kKeyTile, jhi - j0);
+      if (j0 + kKeyTile < jhi) prefetch_tile(j0 + kKeyTile);
       for (int32_t x = 0; x < nk; ++x) {
         const int32_t j = j0 + x;
         const int32_t block = kv_indices[seg.page_offset + j / bs];
