@@ -91,8 +91,8 @@ TEST(VariantHarnessCpu, RandomBatchesEveryPlannerAndFeature) {
 TEST(VariantHarnessCpu, FastEngineOnEveryHeadSizeDtypeAndGroup) {
   // The tiled engine's edges: every CPU head size, each cache and query dtype, groups from 1 to
   // more query heads than one work item takes (136 > 128 rows), sequences over many key tiles and
-  // query tiles, pages that are not a multiple of the key tile, decode rows (dot kernel) and
-  // prefill rows (transposed-tile kernel) in one batch.
+  // query tiles, pages that are not a multiple of the key tile, decode rows (part of one vector of
+  // rows) and prefill rows (many vectors) in one batch.
   std::mt19937 rng(77);
   const int32_t head_sizes[] = {32, 64, 80, 96, 112, 128, 160, 192, 256};
   const int32_t gqa[][2] = {{32, 8}, {2, 2}, {12, 4}, {136, 1}, {6, 1}};

@@ -1,12 +1,17 @@
 // The CPU engine's fast path: tiled, vectorised paged attention for every variant of the family.
 //
-// A work item is (query span, KV head, a tile of up to kMaxRows query rows: tokens x the KV head's
-// query heads). It walks the span's key segments in tiles of kKeyTile keys: the K/V rows of a tile
-// are converted to fp32 once, scores are small matrix products (dot products against the key rows
-// for a few rows, as decode has; an outer-product kernel over the transposed tile for many rows, as
-// prefill has), the variant's scale, soft cap and mask apply to the score tile, and an online softmax
-// per row carries (m, l, u) across tiles. Keys outside a tile's reach are never visited: the tile's
-// key range comes from the segment's lag bounds (binary search over a position map).
+// A work item is (a tile of the batch's query tokens, KV head, up to kMaxRows query rows: tokens x
+// the KV head's query heads); it runs each query span the tile touches. It walks the span's key
+// segments in tiles of kKeyTile keys: the K/V rows of a tile are converted to fp32 once, the variant's
+// scale, soft cap and mask apply to the score tile, and an online softmax per row carries (m, l, u)
+// across tiles. Keys outside a tile's reach are never visited: the key range comes from the segment's
+// lag bounds (binary search over a position map), rounded out to tiles aligned at the segment's start.
+//
+// Every row's arithmetic is the same whatever the tiling and the batch: query rows sit in vector
+// lanes (scores, softmax) and head elements in lanes (P.V), so each score is one FMA chain over the
+// head in order and each output one FMA chain over the keys in order; key tiles are aligned to the
+// segment, not to the query tile. A token decoded alone therefore gets the bits it gets inside a
+// prefill of many tokens (kv_shift's tests check that), as a batch-invariant engine should.
 //
 // Vector code goes through Google Highway with run-time dispatch (foreach_target), so one build
 // runs SSE4, AVX2 or AVX-512 on x86-64 and NEON on Arm, whatever the build machine was.
@@ -18,6 +23,7 @@
 #include <vector>
 
 #include "kvplug/attention/cpu_engine.h"
+#include "kvplug/attention/thread_pool.h"
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "common/src/cpu_fast_engine.cc"
@@ -35,43 +41,54 @@
 namespace kvplug::attn::fast {
 
 constexpr int32_t kMaxHead = 256;
-constexpr int32_t kMaxRows = 128;  // query rows per work item (tokens x query heads)
-constexpr int32_t kKeyTile = 32;   // keys per tile: a multiple of two vectors of 16 floats
-constexpr int32_t kPackedMinRows = 8;  // from this many rows the transposed-tile kernel pays
+constexpr int32_t kMaxRows = 128;  // query rows per work item (tokens x query heads), a multiple of 16
+constexpr int32_t kKeyTile = 32;   // keys per tile
+constexpr int32_t kKeyBlock = 4;   // keys per score register block
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Per-thread scratch, grown once per thread (never per call once warm).
+// A thread's scratch, carved from its ThreadPool::scratch (allocated with the pool: no run allocates).
 struct Scratch {
-  std::vector<float> q, o, k, v, kt, s;
-  std::vector<float> scale, m, l, u;
-  std::vector<int32_t> qpos;
-  void Reserve() {
-    if (!q.empty()) return;
-    q.resize(size_t{kMaxRows} * kMaxHead);
-    o.resize(size_t{kMaxRows} * kMaxHead);
-    k.resize(size_t{kKeyTile} * kMaxHead);
-    v.resize(size_t{kKeyTile} * kMaxHead);
-    kt.resize(size_t{kKeyTile} * kMaxHead);
-    s.resize(size_t{kMaxRows} * kKeyTile);
-    for (auto* x : {&scale, &m, &l, &u}) x->resize(kMaxRows);
-    qpos.resize(kMaxRows);
+  float* qt;     // [kMaxHead][ldr]: the item's query rows, transposed (rows in lanes)
+  float* o;      // [kMaxRows][kMaxHead]: unnormalised outputs
+  float* k;      // [kKeyTile][kMaxHead]: the key tile in fp32 (when the cache is not fp32)
+  float* v;      // [kKeyTile][kMaxHead]
+  float* st;     // [kKeyTile][ldr]: scores, then probabilities, of the tile (rows in lanes)
+  float* zero;   // [kMaxHead]: the key row standing in past a tile's last key
+  float* scale;  // [kMaxRows] per row: softmax scale, running max, sum, sum of p * logit, correction
+  float* m;
+  float* l;
+  float* u;
+  float* c;
+  int32_t* qpos;  // [kMaxRows]
+  static constexpr size_t kFloats = size_t{kMaxHead} * kMaxRows * 2 + size_t{kKeyTile} * kMaxHead * 2 +
+                                    size_t{kKeyTile} * kMaxRows + kMaxHead + size_t{kMaxRows} * 6;
+  explicit Scratch(void* base) {
+    float* p = static_cast<float*>(base);
+    auto take = [&](size_t n) { float* r = p; p += n; return r; };
+    qt = take(size_t{kMaxHead} * kMaxRows);
+    o = take(size_t{kMaxRows} * kMaxHead);
+    k = take(size_t{kKeyTile} * kMaxHead);
+    v = take(size_t{kKeyTile} * kMaxHead);
+    st = take(size_t{kKeyTile} * kMaxRows);
+    zero = take(kMaxHead);
+    scale = take(kMaxRows);
+    m = take(kMaxRows);
+    l = take(kMaxRows);
+    u = take(kMaxRows);
+    c = take(kMaxRows);
+    qpos = reinterpret_cast<int32_t*>(take(kMaxRows));
   }
 };
+static_assert(Scratch::kFloats * sizeof(float) <= ThreadPool::kScratchBytes);
 
-inline Scratch& ThreadScratch() {
-  thread_local Scratch scratch;
-  scratch.Reserve();
-  return scratch;
-}
-
-// How a span is cut into work items: tokens per item and query heads per item.
-struct SpanTiling {
+// How the batch is cut into work items: tokens per item and query heads per item.
+struct Tiling {
   int32_t tokens_per_item;
   int32_t heads_per_item;
   int32_t head_chunks;
 };
 
-inline SpanTiling Tiling(int32_t group) {
+inline Tiling MakeTiling(int32_t group) {
   const int32_t heads = std::min(group, kMaxRows);
   return {std::max(1, kMaxRows / heads), heads, (group + heads - 1) / heads};
 }
@@ -130,68 +147,34 @@ void RowToFloat(const void* src, DType t, int32_t n, float* HWY_RESTRICT dst) {
   }
 }
 
-// S[r][j] = q_r . k_j for R rows (q + r * ldq) and nk keys (kp[j]): dot products, two keys at a time.
-template <int R>
-void DotScores(const float* HWY_RESTRICT q, int32_t ldq, const float* const* kp, int32_t nk, int32_t d,
-               float* HWY_RESTRICT s, int32_t lds) {
+// st[j][r0 + lanes of RB vectors] = q_r . k_j for the tile's kKeyTile keys (kp[j]; past the last key
+// a zero row): rows in lanes, the key element broadcast, one FMA chain over the head per score.
+template <int RB>
+void Scores(const float* HWY_RESTRICT qt, int32_t ldr, int32_t r0, const float* const* kp, int32_t d,
+            float* HWY_RESTRICT st) {
   const DF df;
   const int32_t N = static_cast<int32_t>(hn::Lanes(df));
-  int32_t j = 0;
-  for (; j + 2 <= nk; j += 2) {
-    VF a0[R], a1[R];
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = hn::Zero(df);
-    const float* k0 = kp[j];
-    const float* k1 = kp[j + 1];
-    for (int32_t i = 0; i < d; i += N) {
-      const VF x0 = hn::LoadU(df, k0 + i), x1 = hn::LoadU(df, k1 + i);
-      for (int r = 0; r < R; ++r) {
-        const VF qv = hn::LoadU(df, q + r * ldq + i);
-        a0[r] = hn::MulAdd(qv, x0, a0[r]);
-        a1[r] = hn::MulAdd(qv, x1, a1[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      s[r * lds + j] = hn::GetLane(hn::SumOfLanes(df, a0[r]));
-      s[r * lds + j + 1] = hn::GetLane(hn::SumOfLanes(df, a1[r]));
-    }
-  }
-  if (j < nk) {
-    VF a0[R];
-    for (int r = 0; r < R; ++r) a0[r] = hn::Zero(df);
-    for (int32_t i = 0; i < d; i += N) {
-      const VF x0 = hn::LoadU(df, kp[j] + i);
-      for (int r = 0; r < R; ++r) a0[r] = hn::MulAdd(hn::LoadU(df, q + r * ldq + i), x0, a0[r]);
-    }
-    for (int r = 0; r < R; ++r) s[r * lds + j] = hn::GetLane(hn::SumOfLanes(df, a0[r]));
-  }
-}
-
-// S[r][0..kKeyTile) = q_r . Kt[:, j] over the transposed tile kt ([d][kKeyTile]): outer products,
-// two key vectors by R rows per step.
-template <int R>
-void PackedScores(const float* HWY_RESTRICT q, int32_t ldq, const float* HWY_RESTRICT kt, int32_t d,
-                  float* HWY_RESTRICT s, int32_t lds) {
-  const DF df;
-  const int32_t N = static_cast<int32_t>(hn::Lanes(df));
-  for (int32_t j = 0; j < kKeyTile; j += 2 * N) {
-    VF a0[R], a1[R];
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = hn::Zero(df);
+  for (int32_t j = 0; j < kKeyTile; j += kKeyBlock) {
+    VF acc[RB][kKeyBlock];
+    for (int b = 0; b < RB; ++b)
+      for (int x = 0; x < kKeyBlock; ++x) acc[b][x] = hn::Zero(df);
+    const float* k[kKeyBlock];
+    for (int x = 0; x < kKeyBlock; ++x) k[x] = kp[j + x];
     for (int32_t i = 0; i < d; ++i) {
-      const VF x0 = hn::LoadU(df, kt + i * kKeyTile + j), x1 = hn::LoadU(df, kt + i * kKeyTile + j + N);
-      for (int r = 0; r < R; ++r) {
-        const VF b = hn::Set(df, q[r * ldq + i]);
-        a0[r] = hn::MulAdd(b, x0, a0[r]);
-        a1[r] = hn::MulAdd(b, x1, a1[r]);
+      VF q[RB];
+      for (int b = 0; b < RB; ++b) q[b] = hn::LoadU(df, qt + size_t(i) * ldr + r0 + b * N);
+      for (int x = 0; x < kKeyBlock; ++x) {
+        const VF kb = hn::Set(df, k[x][i]);
+        for (int b = 0; b < RB; ++b) acc[b][x] = hn::MulAdd(q[b], kb, acc[b][x]);
       }
     }
-    for (int r = 0; r < R; ++r) {
-      hn::StoreU(a0[r], df, s + r * lds + j);
-      hn::StoreU(a1[r], df, s + r * lds + j + N);
-    }
+    for (int x = 0; x < kKeyBlock; ++x)
+      for (int b = 0; b < RB; ++b) hn::StoreU(acc[b][x], df, st + size_t(j + x) * ldr + r0 + b * N);
   }
 }
 
-// O[r] += sum_j P[r][j] v_j for R rows, nk keys (vp[j]), two vectors of the head at a time.
+// O[r] += sum_j P[j][r] v_j for R rows (p: P[j][r] at p[j * ldp + r]), nk keys, two vectors of the
+// head at a time: one FMA chain over the keys per output element.
 template <int R>
 void AccumulatePV(const float* HWY_RESTRICT p, int32_t ldp, const float* const* vp, int32_t nk, int32_t d,
                   float* HWY_RESTRICT o, int32_t ldo) {
@@ -207,7 +190,7 @@ void AccumulatePV(const float* HWY_RESTRICT p, int32_t ldp, const float* const* 
     for (int32_t j = 0; j < nk; ++j) {
       const VF x0 = hn::LoadU(df, vp[j] + i), x1 = hn::LoadU(df, vp[j] + i + N);
       for (int r = 0; r < R; ++r) {
-        const VF b = hn::Set(df, p[r * ldp + j]);
+        const VF b = hn::Set(df, p[size_t(j) * ldp + r]);
         a0[r] = hn::MulAdd(b, x0, a0[r]);
         a1[r] = hn::MulAdd(b, x1, a1[r]);
       }
@@ -222,131 +205,124 @@ void AccumulatePV(const float* HWY_RESTRICT p, int32_t ldp, const float* const* 
     for (int r = 0; r < R; ++r) a0[r] = hn::LoadU(df, o + r * ldo + i);
     for (int32_t j = 0; j < nk; ++j) {
       const VF x0 = hn::LoadU(df, vp[j] + i);
-      for (int r = 0; r < R; ++r) a0[r] = hn::MulAdd(hn::Set(df, p[r * ldp + j]), x0, a0[r]);
+      for (int r = 0; r < R; ++r) a0[r] = hn::MulAdd(hn::Set(df, p[size_t(j) * ldp + r]), x0, a0[r]);
     }
     for (int r = 0; r < R; ++r) hn::StoreU(a0[r], df, o + r * ldo + i);
   }
 }
 
-// Runs kernel<R> over `rows` rows in blocks of four.
-template <template <int> class K, typename... Args>
-void ForRowBlocks(int32_t rows, int32_t row_stride_a, int32_t row_stride_b, const float* a, float* b,
-                  Args... args) {
+void AccumulatePVRows(const float* p, int32_t ldp, const float* const* vp, int32_t nk, int32_t d, int32_t rows,
+                      float* o) {
   int32_t r = 0;
-  for (; r + 4 <= rows; r += 4) K<4>::Run(a + r * row_stride_a, b + r * row_stride_b, args...);
+  for (; r + 4 <= rows; r += 4) AccumulatePV<4>(p + r, ldp, vp, nk, d, o + size_t(r) * d, d);
   switch (rows - r) {
-    case 3: K<3>::Run(a + r * row_stride_a, b + r * row_stride_b, args...); break;
-    case 2: K<2>::Run(a + r * row_stride_a, b + r * row_stride_b, args...); break;
-    case 1: K<1>::Run(a + r * row_stride_a, b + r * row_stride_b, args...); break;
+    case 3: AccumulatePV<3>(p + r, ldp, vp, nk, d, o + size_t(r) * d, d); break;
+    case 2: AccumulatePV<2>(p + r, ldp, vp, nk, d, o + size_t(r) * d, d); break;
+    case 1: AccumulatePV<1>(p + r, ldp, vp, nk, d, o + size_t(r) * d, d); break;
     default: break;
   }
 }
 
-template <int R>
-struct DotScoresK {
-  static void Run(const float* q, float* s, int32_t ldq, const float* const* kp, int32_t nk, int32_t d,
-                  int32_t lds) {
-    DotScores<R>(q, ldq, kp, nk, d, s, lds);
-  }
-};
-template <int R>
-struct PackedScoresK {
-  static void Run(const float* q, float* s, int32_t ldq, const float* kt, int32_t d, int32_t lds) {
-    PackedScores<R>(q, ldq, kt, d, s, lds);
-  }
-};
-template <int R>
-struct AccumulatePVK {
-  static void Run(const float* p, float* o, int32_t ldp, const float* const* vp, int32_t nk, int32_t d,
-                  int32_t ldo) {
-    AccumulatePV<R>(p, ldp, vp, nk, d, o, ldo);
-  }
-};
-
-// Scale, soft cap and mask of one score row, then its online-softmax update; leaves the row's
-// probabilities (0 where masked) in s. Returns false when the row saw no key in this tile.
-bool SoftmaxRow(float* HWY_RESTRICT s, int32_t nk, float scale, float cap, bool full, const KeySegment& seg,
-                const int32_t* kpos, int32_t qpos, bool want_entropy, float* HWY_RESTRICT o, int32_t d,
-                float* m, float* l, float* u) {
+// The score tile's scale, soft cap and mask, then the online-softmax update of the rows in
+// [r0, r0 + lanes): the tile's probabilities (0 where masked) replace its scores, (m, l, u) advance
+// and c gets each row's correction of its earlier outputs (1 where the max did not grow).
+// Returns whether any of these rows saw a key in this tile.
+bool SoftmaxTile(float* HWY_RESTRICT st, int32_t ldr, int32_t r0, int32_t nk, float cap, bool full,
+                 const KeySegment& seg, const int32_t* kpos, bool want_entropy, Scratch& w) {
   const DF df;
-  const int32_t N = static_cast<int32_t>(hn::Lanes(df));
-  const VF vscale = hn::Set(df, scale);
+  const hn::RebindToSigned<DF> di;
   const VF ninf = hn::Set(df, kNegInf);
-  for (int32_t j = 0; j < kKeyTile; j += N) {
-    VF x = hn::Mul(hn::LoadU(df, s + j), vscale);
-    if (cap > 0.0f) x = hn::Mul(hn::Set(df, cap), hn::Tanh(df, hn::Mul(x, hn::Set(df, 1.0f / cap))));
-    hn::StoreU(x, df, s + j);
-  }
-  if (!full) {
-    for (int32_t j = 0; j < nk; ++j) {
-      const int64_t lag = int64_t{qpos} - kpos[j];
-      if (lag < seg.lag_min || lag > seg.lag_max) s[j] = kNegInf;
-    }
-  }
-  for (int32_t j = nk; j < kKeyTile; ++j) s[j] = kNegInf;
+  const VF vscale = hn::LoadU(df, w.scale + r0);
+  const auto qp = hn::LoadU(di, w.qpos + r0);
+  // Lags are differences of int32 positions, so clamping the bounds to int32 keeps the mask.
+  const auto lag_lo = hn::Set(di, static_cast<int32_t>(std::clamp<int64_t>(seg.lag_min, INT32_MIN, INT32_MAX)));
+  const auto lag_hi = hn::Set(di, static_cast<int32_t>(std::clamp<int64_t>(seg.lag_max, INT32_MIN, INT32_MAX)));
   VF vmax = ninf;
-  for (int32_t j = 0; j < kKeyTile; j += N) vmax = hn::Max(vmax, hn::LoadU(df, s + j));
-  const float tile_max = hn::GetLane(hn::MaxOfLanes(df, vmax));
-  if (tile_max == kNegInf) return false;
-  if (tile_max > *m) {
-    const float correction = std::exp(*m - tile_max);  // 0 on the row's first key
-    *l *= correction;
-    *u *= correction;
-    const VF c = hn::Set(df, correction);
-    for (int32_t i = 0; i < d; i += N) hn::StoreU(hn::Mul(hn::LoadU(df, o + i), c), df, o + i);
-    *m = tile_max;
+  for (int32_t j = 0; j < kKeyTile; ++j) {
+    float* row = st + size_t(j) * ldr + r0;
+    VF x = ninf;
+    if (j < nk) {
+      x = hn::Mul(hn::LoadU(df, row), vscale);
+      if (cap > 0.0f) x = hn::Mul(hn::Set(df, cap), hn::Tanh(df, hn::Mul(x, hn::Set(df, 1.0f / cap))));
+      if (!full) {
+        const auto lag = hn::Sub(qp, hn::Set(di, kpos[j]));
+        const auto out = hn::Or(hn::Lt(lag, lag_lo), hn::Gt(lag, lag_hi));
+        x = hn::IfThenElse(hn::RebindMask(df, out), ninf, x);
+      }
+    }
+    hn::StoreU(x, df, row);
+    vmax = hn::Max(vmax, x);
   }
-  const VF vm = hn::Set(df, *m);
-  VF sum = hn::Zero(df), sum_s = hn::Zero(df);
-  for (int32_t j = 0; j < kKeyTile; j += N) {
-    const VF x = hn::LoadU(df, s + j);
+  const auto seen_any = hn::Gt(vmax, ninf);
+  if (hn::AllFalse(df, seen_any)) return false;
+  const VF m_old = hn::LoadU(df, w.m + r0);
+  const auto grow = hn::Gt(vmax, m_old);
+  const VF m_new = hn::IfThenElse(grow, vmax, m_old);
+  const VF c = hn::IfThenElse(grow, hn::Exp(df, hn::Sub(m_old, m_new)), hn::Set(df, 1.0f));  // 0 on a first key
+  VF l = hn::Mul(hn::LoadU(df, w.l + r0), c);
+  VF u = hn::Mul(hn::LoadU(df, w.u + r0), c);
+  for (int32_t j = 0; j < nk; ++j) {
+    float* row = st + size_t(j) * ldr + r0;
+    const VF x = hn::LoadU(df, row);
     const auto seen = hn::Gt(x, ninf);
-    const VF p = hn::IfThenElseZero(seen, hn::Exp(df, hn::Sub(x, vm)));
-    sum = hn::Add(sum, p);
-    if (want_entropy) sum_s = hn::MulAdd(p, hn::IfThenElseZero(seen, x), sum_s);
-    hn::StoreU(p, df, s + j);
+    const VF p = hn::IfThenElseZero(seen, hn::Exp(df, hn::Sub(x, m_new)));
+    l = hn::Add(l, p);
+    if (want_entropy) u = hn::MulAdd(p, hn::IfThenElseZero(seen, x), u);
+    hn::StoreU(p, df, row);
   }
-  *l += hn::GetLane(hn::SumOfLanes(df, sum));
-  if (want_entropy) *u += hn::GetLane(hn::SumOfLanes(df, sum_s));
+  for (int32_t j = nk; j < kKeyTile; ++j) hn::StoreU(hn::Zero(df), df, st + size_t(j) * ldr + r0);
+  hn::StoreU(m_new, df, w.m + r0);
+  hn::StoreU(l, df, w.l + r0);
+  hn::StoreU(u, df, w.u + r0);
+  hn::StoreU(c, df, w.c + r0);
   return true;
 }
 
 struct Item {
   const QuerySpan* span;
-  int32_t t0, t1;   // query tokens
+  int32_t t0, t1;   // query tokens, inside the span
   int32_t g;        // KV head
   int32_t h0, h1;   // query heads (absolute)
 };
 
-void RunItem(const CpuAttentionArgs& a, const Item& it) {
-  Scratch& w = ThreadScratch();
+void RunItem(const CpuAttentionArgs& a, const Item& it, Scratch& w) {
+  const DF df;
+  const int32_t N = static_cast<int32_t>(hn::Lanes(df));
   const kv::PagedLayer& pages = a.pages;
   const int32_t d = pages.head_size;
   const int32_t bs = pages.block_size;
   const int32_t heads = it.h1 - it.h0;
   const int32_t rows = (it.t1 - it.t0) * heads;
+  const int32_t ldr = (rows + N - 1) / N * N;  // rows padded to whole vectors (<= kMaxRows)
   const auto kv_indices = a.plan.kv_indices();
   const int32_t* pos_map = a.keys.pos_map().data();
   const VariantParams& vp = a.variant;
   const bool want_entropy = a.outputs.entropy != nullptr;
-  const bool packed = rows >= kPackedMinRows;
 
-  for (int32_t t = it.t0; t < it.t1; ++t) {
+  // Query rows, transposed; padding lanes get zeros and the last row's position (they are never
+  // read back).
+  for (int32_t r = 0; r < ldr; ++r) {
+    const int32_t rr = std::min(r, rows - 1);
+    const int32_t t = it.t0 + rr / heads;
+    const int32_t h = it.h0 + rr % heads;
     const int32_t q_pos = it.span->pos_begin + (t - it.span->token_begin);
-    for (int32_t h = it.h0; h < it.h1; ++h) {
-      const int32_t r = (t - it.t0) * heads + (h - it.h0);
-      RowToFloat(a.query.At(t, h), a.query.dtype, d, &w.q[size_t(r) * d]);
-      w.qpos[r] = q_pos;
-      float sc = vp.sm_scale;
-      if (vp.scale_table)
-        sc *= vp.scale_table[static_cast<int64_t>(h) * vp.scale_table_len + std::min(q_pos, vp.scale_table_len - 1)];
-      w.scale[r] = sc;
-      w.m[r] = kNegInf;
-      w.l[r] = 0.0f;
-      w.u[r] = 0.0f;
-    }
+    float* row = w.o;  // o is cleared below; it serves as the conversion buffer here
+    if (r < rows)
+      RowToFloat(a.query.At(t, h), a.query.dtype, d, row);
+    else
+      std::fill_n(row, d, 0.0f);
+    for (int32_t i = 0; i < d; ++i) w.qt[size_t(i) * ldr + r] = row[i];
+    w.qpos[r] = q_pos;
+    float sc = vp.sm_scale;
+    if (vp.scale_table)
+      sc *= vp.scale_table[static_cast<int64_t>(h) * vp.scale_table_len + std::min(q_pos, vp.scale_table_len - 1)];
+    w.scale[r] = sc;
+    w.m[r] = kNegInf;
+    w.l[r] = 0.0f;
+    w.u[r] = 0.0f;
   }
-  std::fill_n(w.o.data(), size_t(rows) * d, 0.0f);
+  std::fill_n(w.o, size_t(rows) * d, 0.0f);
+  std::fill_n(w.zero, d, 0.0f);
   const int32_t p_lo = it.span->pos_begin + (it.t0 - it.span->token_begin);
   const int32_t p_hi = it.span->pos_begin + (it.t1 - 1 - it.span->token_begin);
 
@@ -357,6 +333,9 @@ void RunItem(const CpuAttentionArgs& a, const Item& it) {
     const KeySegment& seg = a.keys.segments()[si];
     int32_t jlo, jhi;
     KeyRange(seg, pos_map, p_lo, p_hi, &jlo, &jhi);
+    if (jlo >= jhi) continue;
+    // Tiles start at the segment's start whatever the query tile, so each row meets the same tiles.
+    jlo = seg.key_begin + (jlo - seg.key_begin) / kKeyTile * kKeyTile;
     // Rows of one KV head sit a whole token apart (heads x head size) on pages in any order, so the
     // hardware prefetcher rarely follows them: the next tile's rows are prefetched by hand.
     const size_t row_bytes = size_t(d) * DTypeSize(pages.dtype);
@@ -372,7 +351,7 @@ void RunItem(const CpuAttentionArgs& a, const Item& it) {
         }
       }
     };
-    if (jlo < jhi) prefetch_tile(jlo);
+    prefetch_tile(jlo);
     for (int32_t j0 = jlo; j0 < jhi; j0 += kKeyTile) {
       const int32_t nk = std::min(kKeyTile, jhi - j0);
       if (j0 + kKeyTile < jhi) prefetch_tile(j0 + kKeyTile);
@@ -392,85 +371,78 @@ void RunItem(const CpuAttentionArgs& a, const Item& it) {
         }
         kpos[x] = KeyPos(seg, pos_map, j);
       }
+      for (int32_t x = nk; x < kKeyTile; ++x) kp[x] = w.zero;
       // Every row sees every key of the tile when the extreme lags are inside the bounds.
       const bool full = int64_t{p_lo} - kpos[nk - 1] >= seg.lag_min && int64_t{p_hi} - kpos[0] <= seg.lag_max;
-      if (packed) {
-        for (int32_t i = 0; i < d; ++i) {
-          float* dst = &w.kt[size_t(i) * kKeyTile];
-          for (int32_t x = 0; x < nk; ++x) dst[x] = kp[x][i];
-          for (int32_t x = nk; x < kKeyTile; ++x) dst[x] = 0.0f;
+      int32_t r0 = 0;
+      for (; r0 + 2 * N <= ldr; r0 += 2 * N) Scores<2>(w.qt, ldr, r0, kp, d, w.st);
+      if (r0 < ldr) Scores<1>(w.qt, ldr, r0, kp, d, w.st);
+      for (r0 = 0; r0 < ldr; r0 += N) {
+        if (!SoftmaxTile(w.st, ldr, r0, nk, vp.logits_soft_cap, full, seg, kpos, want_entropy, w)) continue;
+        const int32_t r1 = std::min(rows, r0 + N);
+        for (int32_t r = r0; r < r1; ++r) {
+          const float c = w.c[r];
+          if (c == 1.0f) continue;
+          float* o = w.o + size_t(r) * d;
+          const VF vc = hn::Set(df, c);
+          for (int32_t i = 0; i < d; i += N) hn::StoreU(hn::Mul(hn::LoadU(df, o + i), vc), df, o + i);
         }
-        ForRowBlocks<PackedScoresK>(rows, d, kKeyTile, w.q.data(), w.s.data(), d, w.kt.data(), d, kKeyTile);
-      } else {
-        ForRowBlocks<DotScoresK>(rows, d, kKeyTile, w.q.data(), w.s.data(), d, kp, nk, d, kKeyTile);
+        AccumulatePVRows(w.st + r0, ldr, vrow, nk, d, r1 - r0, w.o + size_t(r0) * d);
       }
-      bool any = false;
-      for (int32_t r = 0; r < rows; ++r) {
-        float* s = &w.s[size_t(r) * kKeyTile];
-        if (SoftmaxRow(s, nk, w.scale[r], vp.logits_soft_cap, full, seg, kpos, w.qpos[r], want_entropy,
-                       &w.o[size_t(r) * d], d, &w.m[r], &w.l[r], &w.u[r]))
-          any = true;
-        else
-          std::fill_n(s, kKeyTile, 0.0f);
-      }
-      if (any) ForRowBlocks<AccumulatePVK>(rows, kKeyTile, d, w.s.data(), w.o.data(), kKeyTile, vrow, nk, d, d);
     }
   }
 
-  for (int32_t t = it.t0; t < it.t1; ++t) {
-    for (int32_t h = it.h0; h < it.h1; ++h) {
-      const int32_t r = (t - it.t0) * heads + (h - it.h0);
-      const float l = w.l[r];
-      // A row that saw no key (possible with custom key sets) writes zeros and lse = -inf.
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-      void* out = a.outputs.out->At(t, h);
-      const float* o = &w.o[size_t(r) * d];
-      if (a.outputs.out->dtype == DType::kF32) {
-        for (int32_t i = 0; i < d; ++i) static_cast<float*>(out)[i] = o[i] * inv;
-      } else {
-        for (int32_t i = 0; i < d; ++i) StoreFromFloat(out, a.outputs.out->dtype, i, o[i] * inv);
-      }
-      const float lse = l > 0.0f ? w.m[r] + std::log(l) : kNegInf;
-      if (a.outputs.lse) *static_cast<float*>(a.outputs.lse->At(t, h)) = lse;
-      if (a.outputs.entropy)
-        *static_cast<float*>(a.outputs.entropy->At(t, h)) = l > 0.0f ? std::max(0.0f, lse - w.u[r] * inv) : 0.0f;
+  for (int32_t r = 0; r < rows; ++r) {
+    const int32_t t = it.t0 + r / heads;
+    const int32_t h = it.h0 + r % heads;
+    const float l = w.l[r];
+    // A row that saw no key (possible with custom key sets) writes zeros and lse = -inf.
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    void* out = a.outputs.out->At(t, h);
+    const float* o = w.o + size_t(r) * d;
+    if (a.outputs.out->dtype == DType::kF32) {
+      for (int32_t i = 0; i < d; ++i) static_cast<float*>(out)[i] = o[i] * inv;
+    } else {
+      for (int32_t i = 0; i < d; ++i) StoreFromFloat(out, a.outputs.out->dtype, i, o[i] * inv);
     }
+    const float lse = l > 0.0f ? w.m[r] + std::log(l) : kNegInf;
+    if (a.outputs.lse) *static_cast<float*>(a.outputs.lse->At(t, h)) = lse;
+    if (a.outputs.entropy)
+      *static_cast<float*>(a.outputs.entropy->At(t, h)) = l > 0.0f ? std::max(0.0f, lse - w.u[r] * inv) : 0.0f;
   }
 }
 
 void RunFast(const CpuAttentionArgs& a) {
   const auto spans = a.keys.spans();
+  if (spans.empty()) return;
   const int32_t group = a.num_q_heads / a.num_kv_heads;
-  const SpanTiling tiling = Tiling(group);
+  const Tiling tiling = MakeTiling(group);
   const int64_t per_tile = int64_t{a.num_kv_heads} * tiling.head_chunks;
-  // Work items of span s are [first[s], first[s + 1]); per span, its query tiles from the last
-  // (the most keys under a causal mask) to the first, so the long ones start early.
-  thread_local std::vector<int64_t> first_storage;
-  std::vector<int64_t>& first = first_storage;  // the caller's: workers read it through the lambda
-  first.resize(spans.size() + 1);
-  first[0] = 0;
-  for (size_t s = 0; s < spans.size(); ++s) {
-    const int32_t len = spans[s].token_end - spans[s].token_begin;
-    const int64_t tiles = (len + tiling.tokens_per_item - 1) / tiling.tokens_per_item;
-    first[s + 1] = first[s] + tiles * per_tile;
-  }
-  a.pool->ParallelFor(first.back(), 1, [&](int64_t begin, int64_t end) {
+  // Items cut the batch's tokens into tiles on one grid (a tile may hold many decode spans, or part
+  // of a prefill span); the last tiles (the most keys under a causal mask) go first.
+  const int32_t num_tokens = spans.back().token_end;
+  const int64_t tiles = (num_tokens + tiling.tokens_per_item - 1) / tiling.tokens_per_item;
+  a.pool->ParallelForThreads(tiles * per_tile, 1, [&](int32_t thread, int64_t begin, int64_t end) {
+    Scratch w(a.pool->scratch(thread));
     for (int64_t item = begin; item < end; ++item) {
-      const size_t s = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), item) - first.begin()) - 1;
-      const QuerySpan& span = spans[s];
-      const int64_t local = item - first[s];
-      const int64_t tiles = (first[s + 1] - first[s]) / per_tile;
-      const int64_t tile = tiles - 1 - local / per_tile;
-      const int32_t g = static_cast<int32_t>(local % per_tile / tiling.head_chunks);
-      const int32_t hc = static_cast<int32_t>(local % tiling.head_chunks);
+      const int64_t tile = tiles - 1 - item / per_tile;
+      const int32_t g = static_cast<int32_t>(item % per_tile / tiling.head_chunks);
+      const int32_t hc = static_cast<int32_t>(item % tiling.head_chunks);
+      const int32_t t0 = static_cast<int32_t>(tile) * tiling.tokens_per_item;
+      const int32_t t1 = std::min(num_tokens, t0 + tiling.tokens_per_item);
       Item it;
-      it.span = &span;
-      it.t0 = span.token_begin + static_cast<int32_t>(tile) * tiling.tokens_per_item;
-      it.t1 = std::min(span.token_end, it.t0 + tiling.tokens_per_item);
       it.g = g;
       it.h0 = g * group + hc * tiling.heads_per_item;
       it.h1 = std::min((g + 1) * group, it.h0 + tiling.heads_per_item);
-      RunItem(a, it);
+      // Spans cover the batch's tokens in order (KeySets::Validate): the first one ending past t0.
+      auto s = std::upper_bound(spans.begin(), spans.end(), t0,
+                                [](int32_t tok, const QuerySpan& sp) { return tok < sp.token_end; });
+      for (; s != spans.end() && s->token_begin < t1; ++s) {
+        it.span = &*s;
+        it.t0 = std::max(t0, s->token_begin);
+        it.t1 = std::min(t1, s->token_end);
+        if (it.t0 < it.t1) RunItem(a, it, w);
+      }
     }
   });
 }

@@ -36,7 +36,7 @@ struct CpuAttentionArgs {
   ThreadPool* pool = nullptr;
 };
 
-// The plain engine, or the fast one when the environment has KVP_CPU_ENGINE=fast (read once).
+// The fast engine, or the plain one when the environment has KVP_CPU_ENGINE=plain (read once).
 void RunPagedAttentionCpu(const CpuAttentionArgs& args);
 void RunPagedAttentionFast(const CpuAttentionArgs& args);
 void RunPagedAttentionPlain(const CpuAttentionArgs& args);

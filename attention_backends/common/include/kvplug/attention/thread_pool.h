@@ -3,6 +3,8 @@
 #pragma once
 
 #include <condition_variable>
+#include <cstddef>
+#include <new>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -26,12 +28,24 @@ class ThreadPool {
 
   // Calls body(begin, end) over disjoint ranges covering [0, n), `grain` items at least per call.
   void ParallelFor(int64_t n, int64_t grain, absl::FunctionRef<void(int64_t, int64_t)> body);
+  // The same, telling body which thread runs it (0 = the caller, up to num_threads() - 1), so that
+  // it can use that thread's scratch.
+  void ParallelForThreads(int64_t n, int64_t grain, absl::FunctionRef<void(int32_t, int64_t, int64_t)> body);
+
+  // kScratchBytes of 64-byte aligned memory per thread, allocated with the pool (a run allocates
+  // nothing); only the thread `thread` of the current ParallelForThreads may use it.
+  static constexpr size_t kScratchBytes = size_t{384} << 10;
+  void* scratch(int32_t thread) const { return scratch_.get() + static_cast<size_t>(thread) * kScratchBytes; }
 
  private:
-  void WorkerLoop();
-  void RunChunks();
+  struct AlignedFree {
+    void operator()(std::byte* p) const { ::operator delete[](p, std::align_val_t{64}); }
+  };
+  void WorkerLoop(int32_t thread);
+  void RunChunks(int32_t thread);
   void Stop();  // stops and joins the workers
 
+  std::unique_ptr<std::byte[], AlignedFree> scratch_;
   std::vector<std::thread> workers_;
   std::mutex run_mutex_;  // one ParallelFor at a time
   std::mutex mutex_;
@@ -41,7 +55,7 @@ class ThreadPool {
   int32_t active_ = 0;
   bool stop_ = false;
   // The current job.
-  const absl::FunctionRef<void(int64_t, int64_t)>* body_ = nullptr;
+  const absl::FunctionRef<void(int32_t, int64_t, int64_t)>* body_ = nullptr;
   int64_t n_ = 0;
   int64_t chunk_ = 1;
   int64_t next_ = 0;  // guarded by mutex_
