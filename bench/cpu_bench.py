@@ -12,7 +12,7 @@ per second beside dense. The ISA the engine dispatched to is in kvplug.version_s
 
 Usage: python3 bench/cpu_bench.py --lib build/abi/libkvplug.so [--out bench/results/cpu.json]
        [--quick] [--threads 1,2] [--rounds 5]
-KVP_CPU_ENGINE=fast selects the fast engine (opt-in for now; the plain one is the default)."""
+KVP_CPU_ENGINE=plain selects the plain engine (the fast one is the default)."""
 import argparse
 import json
 import os
@@ -154,7 +154,7 @@ def main():
         global CLOCK
         CLOCK = time.process_time
     kvplug = load_kvplug(args.lib)
-    engine = os.environ.get("KVP_CPU_ENGINE", "plain")
+    engine = os.environ.get("KVP_CPU_ENGINE", "fast")
     print(f"kvplug {kvplug.version_string()} (engine {engine}); torch {torch.__version__} "
           f"({torch.backends.cpu.get_cpu_capability()})")
     decode = [(8, 4096), (32, 1024), (1, 32768)]

@@ -50,27 +50,27 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 struct Scratch {
   float* qt;     // [kMaxHead][ldr]: the item's query rows, transposed (rows in lanes)
   float* o;      // [kMaxRows][kMaxHead]: unnormalised outputs
-  float* k;      // [kKeyTile][kMaxHead]: the key tile in fp32 (when the cache is not fp32)
-  float* v;      // [kKeyTile][kMaxHead]
+  float* k;      // [KV heads][kKeyTile][d]: the key tile in fp32 (zeros past its last key)
+  float* v;      // [KV heads][kKeyTile][d]
   float* st;     // [kKeyTile][ldr]: scores, then probabilities, of the tile (rows in lanes)
-  float* zero;   // [kMaxHead]: the key row standing in past a tile's last key
   float* scale;  // [kMaxRows] per row: softmax scale, running max, sum, sum of p * logit, correction
   float* m;
   float* l;
   float* u;
   float* c;
   int32_t* qpos;  // [kMaxRows]
-  static constexpr size_t kFloats = size_t{kMaxHead} * kMaxRows * 2 + size_t{kKeyTile} * kMaxHead * 2 +
-                                    size_t{kKeyTile} * kMaxRows + kMaxHead + size_t{kMaxRows} * 6;
+  // K (and V) tiles of several KV heads: 8 heads of 128, 4 of 256.
+  static constexpr size_t kTileFloats = size_t{kKeyTile} * 1024;
+  static constexpr size_t kFloats = size_t{kMaxHead} * kMaxRows * 2 + kTileFloats * 2 +
+                                    size_t{kKeyTile} * kMaxRows + size_t{kMaxRows} * 6;
   explicit Scratch(void* base) {
     float* p = static_cast<float*>(base);
     auto take = [&](size_t n) { float* r = p; p += n; return r; };
     qt = take(size_t{kMaxHead} * kMaxRows);
     o = take(size_t{kMaxRows} * kMaxHead);
-    k = take(size_t{kKeyTile} * kMaxHead);
-    v = take(size_t{kKeyTile} * kMaxHead);
+    k = take(kTileFloats);
+    v = take(kTileFloats);
     st = take(size_t{kKeyTile} * kMaxRows);
-    zero = take(kMaxHead);
     scale = take(kMaxRows);
     m = take(kMaxRows);
     l = take(kMaxRows);
@@ -147,28 +147,29 @@ void RowToFloat(const void* src, DType t, int32_t n, float* HWY_RESTRICT dst) {
   }
 }
 
-// st[j][r0 + lanes of RB vectors] = q_r . k_j for the tile's kKeyTile keys (kp[j]; past the last key
-// a zero row): rows in lanes, the key element broadcast, one FMA chain over the head per score.
-template <int RB>
-void Scores(const float* HWY_RESTRICT qt, int32_t ldr, int32_t r0, const float* const* kp, int32_t d,
+// st[j][r0 + lanes of RB vectors] = q_r . k_j for the tile's kKeyTile keys (k: [kKeyTile][d]; past
+// the last key zeros): rows in lanes, the key element broadcast, one FMA chain over the head per
+// score. RB * KB chains run side by side to cover the FMA latency.
+template <int RB, int KB>
+void Scores(const float* HWY_RESTRICT qt, int32_t ldr, int32_t r0, const float* HWY_RESTRICT k, int32_t d,
             float* HWY_RESTRICT st) {
+  static_assert(kKeyTile % KB == 0);
   const DF df;
   const int32_t N = static_cast<int32_t>(hn::Lanes(df));
-  for (int32_t j = 0; j < kKeyTile; j += kKeyBlock) {
-    VF acc[RB][kKeyBlock];
+  for (int32_t j = 0; j < kKeyTile; j += KB) {
+    VF acc[RB][KB];
     for (int b = 0; b < RB; ++b)
-      for (int x = 0; x < kKeyBlock; ++x) acc[b][x] = hn::Zero(df);
-    const float* k[kKeyBlock];
-    for (int x = 0; x < kKeyBlock; ++x) k[x] = kp[j + x];
+      for (int x = 0; x < KB; ++x) acc[b][x] = hn::Zero(df);
+    const float* kj = k + size_t(j) * d;
     for (int32_t i = 0; i < d; ++i) {
       VF q[RB];
       for (int b = 0; b < RB; ++b) q[b] = hn::LoadU(df, qt + size_t(i) * ldr + r0 + b * N);
-      for (int x = 0; x < kKeyBlock; ++x) {
-        const VF kb = hn::Set(df, k[x][i]);
+      for (int x = 0; x < KB; ++x) {
+        const VF kb = hn::Set(df, kj[size_t(x) * d + i]);
         for (int b = 0; b < RB; ++b) acc[b][x] = hn::MulAdd(q[b], kb, acc[b][x]);
       }
     }
-    for (int x = 0; x < kKeyBlock; ++x)
+    for (int x = 0; x < KB; ++x)
       for (int b = 0; b < RB; ++b) hn::StoreU(acc[b][x], df, st + size_t(j + x) * ldr + r0 + b * N);
   }
 }
@@ -176,7 +177,7 @@ void Scores(const float* HWY_RESTRICT qt, int32_t ldr, int32_t r0, const float* 
 // O[r] += sum_j P[j][r] v_j for R rows (p: P[j][r] at p[j * ldp + r]), nk keys, two vectors of the
 // head at a time: one FMA chain over the keys per output element.
 template <int R>
-void AccumulatePV(const float* HWY_RESTRICT p, int32_t ldp, const float* const* vp, int32_t nk, int32_t d,
+void AccumulatePV(const float* HWY_RESTRICT p, int32_t ldp, const float* HWY_RESTRICT v, int32_t nk, int32_t d,
                   float* HWY_RESTRICT o, int32_t ldo) {
   const DF df;
   const int32_t N = static_cast<int32_t>(hn::Lanes(df));
@@ -188,7 +189,7 @@ void AccumulatePV(const float* HWY_RESTRICT p, int32_t ldp, const float* const* 
       a1[r] = hn::LoadU(df, o + r * ldo + i + N);
     }
     for (int32_t j = 0; j < nk; ++j) {
-      const VF x0 = hn::LoadU(df, vp[j] + i), x1 = hn::LoadU(df, vp[j] + i + N);
+      const VF x0 = hn::LoadU(df, v + size_t(j) * d + i), x1 = hn::LoadU(df, v + size_t(j) * d + i + N);
       for (int r = 0; r < R; ++r) {
         const VF b = hn::Set(df, p[size_t(j) * ldp + r]);
         a0[r] = hn::MulAdd(b, x0, a0[r]);
@@ -204,21 +205,21 @@ void AccumulatePV(const float* HWY_RESTRICT p, int32_t ldp, const float* const* 
     VF a0[R];
     for (int r = 0; r < R; ++r) a0[r] = hn::LoadU(df, o + r * ldo + i);
     for (int32_t j = 0; j < nk; ++j) {
-      const VF x0 = hn::LoadU(df, vp[j] + i);
+      const VF x0 = hn::LoadU(df, v + size_t(j) * d + i);
       for (int r = 0; r < R; ++r) a0[r] = hn::MulAdd(hn::Set(df, p[size_t(j) * ldp + r]), x0, a0[r]);
     }
     for (int r = 0; r < R; ++r) hn::StoreU(a0[r], df, o + r * ldo + i);
   }
 }
 
-void AccumulatePVRows(const float* p, int32_t ldp, const float* const* vp, int32_t nk, int32_t d, int32_t rows,
+void AccumulatePVRows(const float* p, int32_t ldp, const float* v, int32_t nk, int32_t d, int32_t rows,
                       float* o) {
   int32_t r = 0;
-  for (; r + 4 <= rows; r += 4) AccumulatePV<4>(p + r, ldp, vp, nk, d, o + size_t(r) * d, d);
+  for (; r + 4 <= rows; r += 4) AccumulatePV<4>(p + r, ldp, v, nk, d, o + size_t(r) * d, d);
   switch (rows - r) {
-    case 3: AccumulatePV<3>(p + r, ldp, vp, nk, d, o + size_t(r) * d, d); break;
-    case 2: AccumulatePV<2>(p + r, ldp, vp, nk, d, o + size_t(r) * d, d); break;
-    case 1: AccumulatePV<1>(p + r, ldp, vp, nk, d, o + size_t(r) * d, d); break;
+    case 3: AccumulatePV<3>(p + r, ldp, v, nk, d, o + size_t(r) * d, d); break;
+    case 2: AccumulatePV<2>(p + r, ldp, v, nk, d, o + size_t(r) * d, d); break;
+    case 1: AccumulatePV<1>(p + r, ldp, v, nk, d, o + size_t(r) * d, d); break;
     default: break;
   }
 }
@@ -281,9 +282,24 @@ bool SoftmaxTile(float* HWY_RESTRICT st, int32_t ldr, int32_t r0, int32_t nk, fl
 struct Item {
   const QuerySpan* span;
   int32_t t0, t1;   // query tokens, inside the span
-  int32_t g;        // KV head
-  int32_t h0, h1;   // query heads (absolute)
+  int32_t g0, g1;   // KV heads
+  int32_t q0, q1;   // query heads of each KV head's group (offsets in the group)
 };
+
+// Rows of an item: KV head by KV head, each head's rows (tokens x query heads) padded to whole
+// vectors, so that a vector of rows never mixes two heads' keys.
+struct RowMap {
+  int32_t heads, per_head, padded, ldr;
+};
+
+inline RowMap MapRows(const Item& it, int32_t lanes) {
+  RowMap m;
+  m.heads = it.q1 - it.q0;
+  m.per_head = (it.t1 - it.t0) * m.heads;
+  m.padded = (m.per_head + lanes - 1) / lanes * lanes;
+  m.ldr = m.padded * (it.g1 - it.g0);
+  return m;
+}
 
 void RunItem(const CpuAttentionArgs& a, const Item& it, Scratch& w) {
   const DF df;
@@ -291,23 +307,29 @@ void RunItem(const CpuAttentionArgs& a, const Item& it, Scratch& w) {
   const kv::PagedLayer& pages = a.pages;
   const int32_t d = pages.head_size;
   const int32_t bs = pages.block_size;
-  const int32_t heads = it.h1 - it.h0;
-  const int32_t rows = (it.t1 - it.t0) * heads;
-  const int32_t ldr = (rows + N - 1) / N * N;  // rows padded to whole vectors (<= kMaxRows)
+  const int32_t group = a.num_q_heads / a.num_kv_heads;
+  const RowMap rm = MapRows(it, N);
+  const int32_t ldr = rm.ldr;
+  const int32_t kv_heads = it.g1 - it.g0;
   const auto kv_indices = a.plan.kv_indices();
   const int32_t* pos_map = a.keys.pos_map().data();
   const VariantParams& vp = a.variant;
   const bool want_entropy = a.outputs.entropy != nullptr;
+  auto row_token_head = [&](int32_t r, int32_t* t, int32_t* h) {
+    const int32_t gi = r / rm.padded;
+    const int32_t local = std::min(r % rm.padded, rm.per_head - 1);
+    *t = it.t0 + local / rm.heads;
+    *h = (it.g0 + gi) * group + it.q0 + local % rm.heads;
+  };
 
-  // Query rows, transposed; padding lanes get zeros and the last row's position (they are never
-  // read back).
+  // Query rows, transposed; padding lanes get zeros and their head's last row's position and scale
+  // (they are never read back).
   for (int32_t r = 0; r < ldr; ++r) {
-    const int32_t rr = std::min(r, rows - 1);
-    const int32_t t = it.t0 + rr / heads;
-    const int32_t h = it.h0 + rr % heads;
+    int32_t t, h;
+    row_token_head(r, &t, &h);
     const int32_t q_pos = it.span->pos_begin + (t - it.span->token_begin);
     float* row = w.o;  // o is cleared below; it serves as the conversion buffer here
-    if (r < rows)
+    if (r % rm.padded < rm.per_head)
       RowToFloat(a.query.At(t, h), a.query.dtype, d, row);
     else
       std::fill_n(row, d, 0.0f);
@@ -321,13 +343,11 @@ void RunItem(const CpuAttentionArgs& a, const Item& it, Scratch& w) {
     w.l[r] = 0.0f;
     w.u[r] = 0.0f;
   }
-  std::fill_n(w.o, size_t(rows) * d, 0.0f);
-  std::fill_n(w.zero, d, 0.0f);
+  std::fill_n(w.o, size_t(ldr) * d, 0.0f);
   const int32_t p_lo = it.span->pos_begin + (it.t0 - it.span->token_begin);
   const int32_t p_hi = it.span->pos_begin + (it.t1 - 1 - it.span->token_begin);
+  const size_t tile_floats = size_t{kKeyTile} * d;  // one KV head's K (or V) tile
 
-  const float* kp[kKeyTile];
-  const float* vrow[kKeyTile];
   int32_t kpos[kKeyTile];
   for (int32_t si = it.span->segment_begin; si < it.span->segment_end; ++si) {
     const KeySegment& seg = a.keys.segments()[si];
@@ -336,18 +356,20 @@ void RunItem(const CpuAttentionArgs& a, const Item& it, Scratch& w) {
     if (jlo >= jhi) continue;
     // Tiles start at the segment's start whatever the query tile, so each row meets the same tiles.
     jlo = seg.key_begin + (jlo - seg.key_begin) / kKeyTile * kKeyTile;
-    // Rows of one KV head sit a whole token apart (heads x head size) on pages in any order, so the
-    // hardware prefetcher rarely follows them: the next tile's rows are prefetched by hand.
+    // Pages come in any order, so the hardware prefetcher cannot run ahead across them: the next
+    // tile's rows (the item's KV heads of each token) are prefetched by hand.
     const size_t row_bytes = size_t(d) * DTypeSize(pages.dtype);
     auto prefetch_tile = [&](int32_t t0) {
       const int32_t t1 = std::min(jhi, t0 + kKeyTile);
       for (int32_t j = t0; j < t1; ++j) {
         const int32_t block = kv_indices[seg.page_offset + j / bs];
-        const char* krow = static_cast<const char*>(pages.Row(0, block, j % bs, it.g));
-        const char* vr = static_cast<const char*>(pages.Row(1, block, j % bs, it.g));
-        for (size_t off = 0; off < row_bytes; off += 64) {
-          __builtin_prefetch(krow + off);
-          __builtin_prefetch(vr + off);
+        for (int32_t g = it.g0; g < it.g1; ++g) {
+          const char* krow = static_cast<const char*>(pages.Row(0, block, j % bs, g));
+          const char* vr = static_cast<const char*>(pages.Row(1, block, j % bs, g));
+          for (size_t off = 0; off < row_bytes; off += 64) {
+            __builtin_prefetch(krow + off);
+            __builtin_prefetch(vr + off);
+          }
         }
       }
     };
@@ -355,46 +377,50 @@ void RunItem(const CpuAttentionArgs& a, const Item& it, Scratch& w) {
     for (int32_t j0 = jlo; j0 < jhi; j0 += kKeyTile) {
       const int32_t nk = std::min(kKeyTile, jhi - j0);
       if (j0 + kKeyTile < jhi) prefetch_tile(j0 + kKeyTile);
+      // The tile's rows, per KV head contiguous in fp32, read token by token (all of the item's
+      // heads of a token lie side by side in the common layout). fp32 caches are copied too: rows of
+      // one KV head lie a token apart, often a multiple of 4 KiB, and would fall in the same L1 sets.
       for (int32_t x = 0; x < nk; ++x) {
         const int32_t j = j0 + x;
         const int32_t block = kv_indices[seg.page_offset + j / bs];
-        const void* krow = pages.Row(0, block, j % bs, it.g);
-        const void* vr = pages.Row(1, block, j % bs, it.g);
-        if (pages.dtype == DType::kF32) {
-          kp[x] = static_cast<const float*>(krow);
-          vrow[x] = static_cast<const float*>(vr);
-        } else {
-          RowToFloat(krow, pages.dtype, d, &w.k[size_t(x) * d]);
-          RowToFloat(vr, pages.dtype, d, &w.v[size_t(x) * d]);
-          kp[x] = &w.k[size_t(x) * d];
-          vrow[x] = &w.v[size_t(x) * d];
+        for (int32_t gi = 0; gi < kv_heads; ++gi) {
+          RowToFloat(pages.Row(0, block, j % bs, it.g0 + gi), pages.dtype, d, w.k + gi * tile_floats + size_t(x) * d);
+          RowToFloat(pages.Row(1, block, j % bs, it.g0 + gi), pages.dtype, d, w.v + gi * tile_floats + size_t(x) * d);
         }
         kpos[x] = KeyPos(seg, pos_map, j);
       }
-      for (int32_t x = nk; x < kKeyTile; ++x) kp[x] = w.zero;
+      if (nk < kKeyTile)
+        for (int32_t gi = 0; gi < kv_heads; ++gi)
+          std::fill(w.k + gi * tile_floats + size_t(nk) * d, w.k + (gi + 1) * tile_floats, 0.0f);
       // Every row sees every key of the tile when the extreme lags are inside the bounds.
       const bool full = int64_t{p_lo} - kpos[nk - 1] >= seg.lag_min && int64_t{p_hi} - kpos[0] <= seg.lag_max;
-      int32_t r0 = 0;
-      for (; r0 + 2 * N <= ldr; r0 += 2 * N) Scores<2>(w.qt, ldr, r0, kp, d, w.st);
-      if (r0 < ldr) Scores<1>(w.qt, ldr, r0, kp, d, w.st);
-      for (r0 = 0; r0 < ldr; r0 += N) {
-        if (!SoftmaxTile(w.st, ldr, r0, nk, vp.logits_soft_cap, full, seg, kpos, want_entropy, w)) continue;
-        const int32_t r1 = std::min(rows, r0 + N);
-        for (int32_t r = r0; r < r1; ++r) {
-          const float c = w.c[r];
-          if (c == 1.0f) continue;
-          float* o = w.o + size_t(r) * d;
-          const VF vc = hn::Set(df, c);
-          for (int32_t i = 0; i < d; i += N) hn::StoreU(hn::Mul(hn::LoadU(df, o + i), vc), df, o + i);
+      for (int32_t gi = 0; gi < kv_heads; ++gi) {
+        const float* k = w.k + gi * tile_floats;
+        const float* v = w.v + gi * tile_floats;
+        const int32_t rb = gi * rm.padded, re = rb + rm.padded;
+        int32_t r0 = rb;
+        for (; r0 + 2 * N <= re; r0 += 2 * N) Scores<2, 4>(w.qt, ldr, r0, k, d, w.st);
+        if (r0 < re) Scores<1, 8>(w.qt, ldr, r0, k, d, w.st);
+        for (r0 = rb; r0 < re; r0 += N) {
+          if (!SoftmaxTile(w.st, ldr, r0, nk, vp.logits_soft_cap, full, seg, kpos, want_entropy, w)) continue;
+          const int32_t r1 = std::min(rb + rm.per_head, r0 + N);
+          for (int32_t r = r0; r < r1; ++r) {
+            const float c = w.c[r];
+            if (c == 1.0f) continue;
+            float* o = w.o + size_t(r) * d;
+            const VF vc = hn::Set(df, c);
+            for (int32_t i = 0; i < d; i += N) hn::StoreU(hn::Mul(hn::LoadU(df, o + i), vc), df, o + i);
+          }
+          AccumulatePVRows(w.st + r0, ldr, v, nk, d, r1 - r0, w.o + size_t(r0) * d);
         }
-        AccumulatePVRows(w.st + r0, ldr, vrow, nk, d, r1 - r0, w.o + size_t(r0) * d);
       }
     }
   }
 
-  for (int32_t r = 0; r < rows; ++r) {
-    const int32_t t = it.t0 + r / heads;
-    const int32_t h = it.h0 + r % heads;
+  for (int32_t r = 0; r < ldr; ++r) {
+    if (r % rm.padded >= rm.per_head) continue;
+    int32_t t, h;
+    row_token_head(r, &t, &h);
     const float l = w.l[r];
     // A row that saw no key (possible with custom key sets) writes zeros and lse = -inf.
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
@@ -413,13 +439,50 @@ void RunItem(const CpuAttentionArgs& a, const Item& it, Scratch& w) {
 }
 
 void RunFast(const CpuAttentionArgs& a) {
+  const DF df;
+  const int32_t N = static_cast<int32_t>(hn::Lanes(df));
   const auto spans = a.keys.spans();
   if (spans.empty()) return;
   const int32_t group = a.num_q_heads / a.num_kv_heads;
+  const int32_t d = a.pages.head_size;
+  // Short spans (decode, a few speculative tokens: at most kShortRows rows per KV head) are
+  // bandwidth-bound: their items take several KV heads, so each token's K/V rows are read side by
+  // side. Long spans are compute-bound: their items take one KV head and up to kMaxRows rows.
+  constexpr int32_t kShortRows = 16;
+  auto is_short = [&](const QuerySpan& s) { return int64_t{s.token_end - s.token_begin} * group <= kShortRows; };
+  int64_t num_short = 0;
+  for (const QuerySpan& s : spans) num_short += is_short(s);
+  const int32_t threads = a.pool->num_threads();
+  if (num_short > 0) {
+    const int32_t padded = (kShortRows + N - 1) / N * N;
+    int32_t per_item = std::min<int32_t>({a.num_kv_heads, kMaxRows / padded,
+                                          static_cast<int32_t>(Scratch::kTileFloats / (size_t{kKeyTile} * d))});
+    // Enough items to keep every thread busy (two per thread), at one KV head per item at least.
+    while (per_item > 1 && num_short * ((a.num_kv_heads + per_item - 1) / per_item) < 2 * threads) per_item /= 2;
+    const int32_t chunks = (a.num_kv_heads + per_item - 1) / per_item;
+    a.pool->ParallelForThreads(static_cast<int64_t>(spans.size()) * chunks, 1,
+                               [&](int32_t thread, int64_t begin, int64_t end) {
+      Scratch w(a.pool->scratch(thread));
+      for (int64_t item = begin; item < end; ++item) {
+        const QuerySpan& s = spans[static_cast<size_t>(item / chunks)];
+        if (!is_short(s) || s.token_begin >= s.token_end) continue;
+        Item it;
+        it.span = &s;
+        it.t0 = s.token_begin;
+        it.t1 = s.token_end;
+        it.g0 = static_cast<int32_t>(item % chunks) * per_item;
+        it.g1 = std::min(a.num_kv_heads, it.g0 + per_item);
+        it.q0 = 0;
+        it.q1 = group;
+        RunItem(a, it, w);
+      }
+    });
+  }
+  if (num_short == static_cast<int64_t>(spans.size())) return;
   const Tiling tiling = MakeTiling(group);
   const int64_t per_tile = int64_t{a.num_kv_heads} * tiling.head_chunks;
-  // Items cut the batch's tokens into tiles on one grid (a tile may hold many decode spans, or part
-  // of a prefill span); the last tiles (the most keys under a causal mask) go first.
+  // Long spans' items cut the batch's tokens into tiles on one grid (a tile may hold parts of several
+  // spans); the last tiles (the most keys under a causal mask) go first.
   const int32_t num_tokens = spans.back().token_end;
   const int64_t tiles = (num_tokens + tiling.tokens_per_item - 1) / tiling.tokens_per_item;
   a.pool->ParallelForThreads(tiles * per_tile, 1, [&](int32_t thread, int64_t begin, int64_t end) {
@@ -431,13 +494,15 @@ void RunFast(const CpuAttentionArgs& a) {
       const int32_t t0 = static_cast<int32_t>(tile) * tiling.tokens_per_item;
       const int32_t t1 = std::min(num_tokens, t0 + tiling.tokens_per_item);
       Item it;
-      it.g = g;
-      it.h0 = g * group + hc * tiling.heads_per_item;
-      it.h1 = std::min((g + 1) * group, it.h0 + tiling.heads_per_item);
+      it.g0 = g;
+      it.g1 = g + 1;
+      it.q0 = hc * tiling.heads_per_item;
+      it.q1 = std::min(group, it.q0 + tiling.heads_per_item);
       // Spans cover the batch's tokens in order (KeySets::Validate): the first one ending past t0.
       auto s = std::upper_bound(spans.begin(), spans.end(), t0,
                                 [](int32_t tok, const QuerySpan& sp) { return tok < sp.token_end; });
       for (; s != spans.end() && s->token_begin < t1; ++s) {
+        if (is_short(*s)) continue;
         it.span = &*s;
         it.t0 = std::max(t0, s->token_begin);
         it.t1 = std::min(t1, s->token_end);

@@ -34,7 +34,7 @@ class ThreadPool {
 
   // kScratchBytes of 64-byte aligned memory per thread, allocated with the pool (a run allocates
   // nothing); only the thread `thread` of the current ParallelForThreads may use it.
-  static constexpr size_t kScratchBytes = size_t{384} << 10;
+  static constexpr size_t kScratchBytes = size_t{576} << 10;
   void* scratch(int32_t thread) const { return scratch_.get() + static_cast<size_t>(thread) * kScratchBytes; }
 
  private:
