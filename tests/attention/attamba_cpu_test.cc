@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "common/tensor_views.h"
+#include "fmt/format.h"
 #include "kvplug/attention/attamba/attamba.h"
 #include "kvplug/attention/backend.h"
 #include "kvplug/attention/step_work.h"
@@ -181,8 +182,8 @@ class World {
     return {id, r, k * bs_};
   }
 
-  // One step (write + attention on every layer); returns the max error against the reference.
-  double Step(const std::vector<Entry>& entries, absl::Status* status = nullptr) {
+  // The plan of one step (pages taken and released as the layouts say); its Update status in *status.
+  std::unique_ptr<BatchPlan> MakePlan(const std::vector<Entry>& entries, absl::Status* status) {
     std::vector<int32_t> qsl{0}, lens, indptr{0}, indices, p0s, cached;
     std::vector<int64_t> slots;
     for (const Entry& e : entries) {
@@ -216,7 +217,7 @@ class World {
                                           : int64_t{d.token_pages[p / bs_]} * bs_ + p % bs_ + (p == e.to - 1 ? e.bad_slot : 0));
     }
     const int T = qsl.back(), n = int(entries.size());
-    BatchPlan plan(PlanCapacity{n, std::max(T, 1), std::max<int>(int(indices.size()), 1)});
+    auto plan = std::make_unique<BatchPlan>(PlanCapacity{n, std::max(T, 1), std::max<int>(int(indices.size()), 1)});
     BatchInput in;
     in.num_seqs = n;
     in.block_size = bs_;
@@ -227,7 +228,27 @@ class World {
     in.slot_mapping = slots.data();
     in.query_pos_starts = p0s.data();
     in.context_lens = cached.data();
-    absl::Status s = plan.Update(in);
+    *status = plan->Update(in);
+    return plan;
+  }
+
+  // The step's compressed write slots from layer l's planner: the plan step's BuildWriteSlots, which
+  // on CUDA runs once per step in kvp_plan_update and there also checks the slot_mapping against the
+  // window slots (the CPU write checks it itself).
+  absl::Status PlannerWriteSlots(const std::vector<Entry>& entries, int l, std::vector<int64_t>* slots) {
+    absl::Status s;
+    std::unique_ptr<BatchPlan> plan = MakePlan(entries, &s);
+    if (!s.ok()) return s;
+    slots->assign(size_t(plan->num_tokens()), -7);
+    return backends_[l]->planner()->BuildWriteSlots(*plan, absl::MakeSpan(*slots));
+  }
+
+  // One step (write + attention on every layer); returns the max error against the reference.
+  double Step(const std::vector<Entry>& entries, absl::Status* status = nullptr) {
+    absl::Status s;
+    std::unique_ptr<BatchPlan> owned = MakePlan(entries, &s);
+    const BatchPlan& plan = *owned;
+    const int T = plan.num_tokens();
     double err = 0;
     StepWorkSet steps;
     for (int l = 0; l < layers_ && s.ok(); ++l) {
@@ -505,6 +526,31 @@ TEST(Attamba, BadBatchesAreRefusedWithTheExpectedValues) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("need seq_lens ="), std::string::npos) << s;
   // The refused steps changed nothing the next step reads.
+  EXPECT_LT(w.Step({{a, 10, 12}}), kTol);
+}
+
+// The plan step's write slots (AttambaPlanner::BuildWriteSlots: on CUDA it runs once per step in
+// kvp_plan_update, uploads the compressed slots and checks the slot_mapping, so the per-layer write
+// only launches): the chunk ends' compressed rows, and a wrong window slot refused there with the
+// same message the CPU write gives.
+TEST(Attamba, PlannerWriteSlotsGiveChunkEndRowsAndRefuseWrongWindowSlots) {
+  World w(Config(4, 2), 1, 4);
+  const int a = w.AddDoc(40);
+  EXPECT_LT(w.Step({{a, 0, 10}}), kTol);
+  std::vector<int64_t> slots;
+  // Positions 10 and 11: 11 is a chunk end (P = 4, offset 0), compressed row 3 = page 0, row 3.
+  ASSERT_TRUE(w.PlannerWriteSlots({{a, 10, 12}}, 0, &slots).ok());
+  ASSERT_EQ(slots.size(), 2u);
+  EXPECT_EQ(slots[0], -1);
+  EXPECT_EQ(slots[1], int64_t{w.doc(a).compressed[0]} * 4 + 3);
+  Entry wrong_slot{a, 10, 12};
+  wrong_slot.bad_slot = 1;
+  const absl::Status s = w.PlannerWriteSlots({wrong_slot}, 0, &slots);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  const int64_t good = int64_t{w.doc(a).token_pages.at(2)} * 4 + 3;
+  EXPECT_NE(s.message().find(fmt::format("slot_mapping[1]={}", good + 1)), std::string::npos) << s;
+  EXPECT_NE(s.message().find(fmt::format("has window slot {}", good)), std::string::npos) << s;
+  // Nothing was written: the step runs as it would have.
   EXPECT_LT(w.Step({{a, 10, 12}}), kTol);
 }
 

@@ -1,6 +1,7 @@
 // `attamba` on CUDA against the CPU backend (the reference, itself checked against a straightforward
 // double-precision reference by tests/attention/attamba_cpu_test.cc): two layers with cyclic chunk
-// offsets, P in {1, 4, 8}, L in {0, 8}, float16/bfloat16 caches, head sizes 128 and 64, over one
+// offsets, P in {1, 4, 8}, L in {0, 8}, float16/bfloat16 caches, head sizes 64, 128 and 256 (one
+// test instance each, skipped where the CUDA engine is not built for it), over one
 // ragged schedule of prefills, chunked prefills (on and off chunk ends) and decodes across chunk
 // ends. Per step and layer: the chunk-local SSM (kvp_attention_ssm) for keys and values on the GPU
 // vs the CPU (outputs), the compressed write (chunk ends to their compressed rows, slots uploaded
@@ -14,7 +15,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <random>
+#include <string>
 
 #include "fmt/format.h"
 #include "kvplug/attention/attamba/attamba.h"
@@ -422,22 +425,37 @@ void CompareOnGpu(DType dtype, int D, int P, int L, uint32_t seed) {
               std::string(DTypeName(dtype)).c_str(), D, P, L, worst_ssm, worst_out, worst_lse, state_err, page_err);
 }
 
-TEST_F(AttambaGpu, SsmWriteAndAttentionMatchTheCpuBackend) {
-  // KVP_GPU_TRIALS=n (the sanitizer runs): about 4n of the 24 configurations, spread over them.
+// Per head size the CUDA engine is built for (KVP_CUDA_HEAD_SIZES; a size not built skips with a
+// message): 12 configurations each (2 dtypes x P in {1, 4, 8} x L in {0, 8}).
+constexpr int kHeadSizes[] = {64, 128, 256};
+constexpr int kConfigsPerHead = 12;
+
+class AttambaGpuHead : public AttambaGpu, public ::testing::WithParamInterface<int> {};
+
+TEST_P(AttambaGpuHead, SsmWriteAndAttentionMatchTheCpuBackend) {
+  const int D = GetParam();
+  const HeadConfig probe{kHq, kHkv, D, DType::kBF16, 1.0f};
+  if (!CheckCudaEngineSupport(probe).ok()) GTEST_SKIP() << "head size " << D << " not built for CUDA (KVP_CUDA_HEAD_SIZES)";
+  // KVP_GPU_TRIALS=n (the sanitizer runs): about 4n of the 36 configurations over all head sizes,
+  // spread over them (a global index, so each head size gets its share).
   const char* trials = std::getenv("KVP_GPU_TRIALS");
-  const int stride = trials ? std::max(1, 24 / (4 * std::max(1, std::atoi(trials)))) : 1;
-  uint32_t seed = 7;
-  int index = 0;
+  const int total = kConfigsPerHead * int(std::size(kHeadSizes));
+  const int stride = trials ? std::max(1, total / (4 * std::max(1, std::atoi(trials)))) : 1;
+  const int head_index = int(std::find(std::begin(kHeadSizes), std::end(kHeadSizes), D) - std::begin(kHeadSizes));
+  int index = head_index * kConfigsPerHead;
+  uint32_t seed = 7 + uint32_t(index);
   for (const DType dt : {DType::kBF16, DType::kF16})
-    for (const int D : {128, 64})
-      for (const int P : {1, 4, 8})
-        for (const int L : {0, 8}) {
-          ++seed;
-          if (index++ % stride != 0) continue;
-          CompareOnGpu(dt, D, P, L, seed);
-          if (::testing::Test::HasFatalFailure()) return;
-        }
+    for (const int P : {1, 4, 8})
+      for (const int L : {0, 8}) {
+        ++seed;
+        if (index++ % stride != 0) continue;
+        CompareOnGpu(dt, D, P, L, seed);
+        if (::testing::Test::HasFatalFailure()) return;
+      }
 }
+
+INSTANTIATE_TEST_SUITE_P(HeadSizes, AttambaGpuHead, ::testing::ValuesIn(kHeadSizes),
+                         [](const ::testing::TestParamInfo<int>& info) { return "D" + std::to_string(info.param); });
 
 TEST_F(AttambaGpu, RegistryReportsCudaAndDuplicateStateSlotsFail) {
   const BackendInfo* info = FindBackend("attamba");
@@ -487,6 +505,84 @@ TEST_F(AttambaGpu, RegistryReportsCudaAndDuplicateStateSlotsFail) {
   const absl::Status st = gpu.backend[0]->RunSsm(a);
   ASSERT_FALSE(st.ok());
   EXPECT_NE(std::string(st.message()).find("state slot 0 is given to two sequences"), std::string::npos) << st;
+}
+
+// The window check of the slot_mapping runs once per step in the plan step (the planner's
+// BuildWriteSlots, kvp_plan_update on an attached attention) on CUDA, not in each layer's write: a
+// wrong slot is refused there, naming the value and the expected slot, and a write with the step
+// work of another plan generation is refused.
+TEST_F(AttambaGpu, WrongWindowSlotIsRefusedAtPlanTime) {
+  const HeadConfig heads{kHq, kHkv, 128, DType::kBF16, 0.088f};
+  if (!CheckCudaEngineSupport(heads).ok()) GTEST_SKIP() << "head size 128 not built for CUDA";
+  Docs docs;
+  docs.D = 128;
+  docs.shape = attamba::SsmShape{4, kHkv * 128 / 4, 16, 2, 4};
+  for (int l = 0; l < kLayers; ++l)
+    for (int which = 0; which < 2; ++which) {
+      SsmWeights& w = docs.w[l][which];
+      w.conv_w.assign(size_t(docs.shape.conv_dim()) * docs.shape.conv_width, 0.1f);
+      w.conv_b.assign(size_t(docs.shape.conv_dim()), 0.f);
+      w.dt_b.assign(size_t(docs.shape.heads), 0.f);
+      w.a_log.assign(size_t(docs.shape.heads), 0.f);
+      w.d_skip.assign(size_t(docs.shape.heads), 1.f);
+      w.norm_w.assign(size_t(docs.shape.d_inner()), 1.f);
+    }
+  Side gpu;
+  MakeSide(&gpu, Device::kCuda, heads, 4, 0, docs);
+  ASSERT_TRUE(gpu.backend[1] && gpu.cache);
+  // One sequence over positions [0, 6): compressed page 5, window (token) page 7.
+  const CacheLayout lay = gpu.backend[0]->Layout(kBs, 6, 0);
+  ASSERT_EQ(lay.compressed_pages, 1);
+  ASSERT_EQ(lay.window_pages, 1);
+  const int32_t qsl[] = {0, 6}, lens[] = {lay.seq_len}, indptr[] = {0, 2}, indices[] = {5, 7}, slots[] = {0}, p0s[] = {0};
+  int64_t slot_map[6];
+  for (int p = 0; p < 6; ++p) slot_map[p] = 7 * kBs + p;
+  BatchPlan plan(PlanCapacity{1, 6, 2});
+  ASSERT_TRUE(plan.EnableDevice(0).ok());
+  BatchInput in;
+  in.num_seqs = 1;
+  in.block_size = kBs;
+  in.query_start_loc = qsl;
+  in.seq_lens = lens;
+  in.kv_indptr = indptr;
+  in.kv_indices = indices;
+  in.slot_mapping = slot_map;
+  in.state_slots = slots;
+  in.query_pos_starts = p0s;
+  ASSERT_TRUE(plan.Update(in).ok());
+  StepWorkSet steps;
+  const AttentionBackend& backend = *gpu.backend[0];
+  const std::string key = StepKey(backend, heads);
+  ASSERT_TRUE(steps.Attach(key, backend, heads, plan, gpu.exec).ok());  // kvp_plan_attach
+  auto work = steps.Get(key, backend, heads, plan, gpu.exec);
+  ASSERT_TRUE(work.ok()) << work.status();
+  DeviceBuffer kv(size_t(6) * kHkv * 128 * 2);
+  CUDA_OK(cudaMemset(kv.p, 0, size_t(6) * kHkv * 128 * 2));
+  const TensorView kt = View(kv.p, DType::kBF16, {6, kHkv, 128}, Device::kCuda);
+  WriteArgs w{plan, *gpu.cache, 0, kt, kt, gpu.exec};
+  w.work = *work;
+  ASSERT_TRUE(ValidateWrite(heads, w).ok());
+  absl::Status st = backend.WriteKv(w);
+  ASSERT_TRUE(st.ok()) << st;
+  CUDA_OK(cudaDeviceSynchronize());
+  // The next step's slot_mapping has token 4 in the wrong row: kvp_plan_update (plan.Update, then
+  // every attached step work) refuses it, naming the value and the window slot.
+  slot_map[4] = 7 * kBs + 5;
+  ASSERT_TRUE(plan.Update(in).ok());
+  st = steps.UpdateAll(plan, gpu.exec);
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_NE(std::string(st.message()).find(fmt::format("slot_mapping[4]={}", 7 * kBs + 5)), std::string::npos) << st;
+  EXPECT_NE(std::string(st.message()).find(fmt::format("has window slot {}", 7 * kBs + 4)), std::string::npos) << st;
+  // The write never walks the slots itself: with the step work of the earlier generation it refuses.
+  st = backend.WriteKv(w);
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+  EXPECT_NE(std::string(st.message()).find("compressed slots from the plan step"), std::string::npos) << st;
+  // -1 (store nothing in the window) is accepted.
+  slot_map[4] = -1;
+  ASSERT_TRUE(plan.Update(in).ok());
+  ASSERT_TRUE(steps.UpdateAll(plan, gpu.exec).ok());
 }
 
 }  // namespace

@@ -468,6 +468,10 @@ KVP_API void kvp_plan_destroy(kvp_plan* plan);
  * step planner of every attention attached to the plan (kvp_plan_attach): key sets (Star's block
  * lists, split-KV partitions, ...) built once per step, uploaded on the context's stream, so that
  * kvp_attention_run only launches. KVP_ERR_OUT_OF_RANGE if it exceeds the plan's capacities.
+ * On CUDA an attached attamba also builds its compressed write slots here and checks slot_mapping
+ * against each token's window slot (KVP_ERR_INVALID_ARGUMENT naming slot_mapping[t], its value and
+ * the expected slot), so kvp_attention_write_kv only launches; on the CPU (and for a plan it is not
+ * attached to) that check is made by kvp_attention_write_kv.
  * On failure the plan is emptied. */
 KVP_API kvp_status kvp_plan_update(kvp_plan* plan, const kvp_batch* batch);
 

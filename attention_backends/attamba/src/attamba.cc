@@ -106,8 +106,10 @@ absl::Status ReadStep(const AttambaConfig& c, const BatchPlan& plan, int32_t b, 
 
 // Every token's compressed slot (its chunk-end row's slot, -1 for other tokens and for rows below
 // context_lens[b], held in shared prefix-cache pages) into `compressed` when it is non-null
-// ([num_tokens]); with `check_window`, the plan's slot_mapping is checked against each token's
-// window slot (or -1). The CPU write and, on CUDA, the plan step (uploaded with the plan) share it.
+// ([num_tokens]); with `check_window` and a slot_mapping in the plan, the slot_mapping is checked
+// against each token's window slot (or -1). One walk of the step, shared by the CPU write (per
+// layer) and, on CUDA, the plan step (BuildWriteSlots: once per step, so the write only launches).
+// A plan without a slot_mapping is refused by ValidateWrite at any write.
 absl::Status CompressedSlots(const AttambaConfig& config, const ChunkGeometry& geometry, const BatchPlan& plan,
                              bool check_window, int64_t* compressed) {
   const auto qsl = plan.query_start_loc();
@@ -115,6 +117,7 @@ absl::Status CompressedSlots(const AttambaConfig& config, const ChunkGeometry& g
   const auto indices = plan.kv_indices();
   const int32_t bs = plan.block_size();
   if (compressed) std::fill_n(compressed, plan.num_tokens(), int64_t{-1});
+  check_window = check_window && plan.has_slot_mapping();
   for (int32_t b = 0; b < plan.num_seqs(); ++b) {
     if (qsl[b + 1] == qsl[b]) continue;
     SeqStep st;
@@ -189,11 +192,14 @@ class AttambaPlanner final : public KeySetPlanner {
     return absl::OkStatus();
   }
 
-  // The compressed slots of the step's chunk ends (CUDA: uploaded with the plan for WriteKv).
+  // The compressed slots of the step's chunk ends (CUDA: uploaded with the plan for WriteKv), and
+  // the check of the plan's slot_mapping against the window slots: once per step here, so a bad
+  // slot_mapping is refused by kvp_plan_update (or by the first write of an unattached plan) and the
+  // per-layer CUDA write only launches.
   bool has_write_slots() const override { return true; }
   absl::Status BuildWriteSlots(const BatchPlan& plan, absl::Span<int64_t> out) const override {
     if (out.size() < size_t(plan.num_tokens())) return absl::InternalError("attamba planner: write slots too short");
-    return CompressedSlots(config_, geometry_, plan, /*check_window=*/false, out.data());
+    return CompressedSlots(config_, geometry_, plan, /*check_window=*/true, out.data());
   }
 
  private:
@@ -221,19 +227,26 @@ class Attamba final : public VariantBackend {
   absl::Status WriteKv(const WriteArgs& a) const override {
     const BatchPlan& plan = a.plan;
     if (a.cache.device() == Device::kCuda) {
-      // The compressed slots were built and uploaded with the plan step: only checks (host) and
-      // two launches of the cache's write here.
+      // The compressed slots were built, and the slot_mapping checked against the window slots,
+      // by the plan step (AttambaPlanner::BuildWriteSlots, uploaded with the plan). Every slot of
+      // both lists is then a page-list entry's row or -1, in range since the plan's pages are
+      // (ValidateWrite: max_block_id < num_blocks, rechecked here in O(1)): no walk over the
+      // tokens per layer, only the step's generation and two launches (window, compressed).
       if (!a.work || !a.work->device_write_slots || a.work->generation != plan.generation())
         return absl::FailedPreconditionError(
             "attamba: the CUDA write needs this step's compressed slots from the plan step (kvp_plan_attach the "
             "attention, or write through kvp_attention_write_kv)");
-      if (absl::Status s = CompressedSlots(config_, geometry_, plan, /*check_window=*/true, nullptr); !s.ok()) return s;
-      const absl::Span<const int64_t> compressed(a.work->write_slots.data(), size_t(plan.num_tokens()));
-      if (absl::Status s = a.cache.Write(a.layer, a.key, a.value, plan.slot_mapping(), plan.device_slot_mapping(),
-                                         a.exec.stream);
+      if (a.key.dtype == DType::kFP8E4M3 || a.value.dtype == DType::kFP8E4M3)
+        return absl::InvalidArgumentError("attamba: key/value: dtype fp8_e4m3 is not an input type");
+      if (plan.max_block_id() >= a.cache.options().num_blocks)
+        return absl::OutOfRangeError(fmt::format("attamba: the plan references block {} but the cache has {} blocks",
+                                                 plan.max_block_id(), a.cache.options().num_blocks));
+      if (absl::Status s = a.cache.WriteDeviceSlots(a.layer, a.key, a.value, plan.device_slot_mapping(),
+                                                    plan.num_tokens(), a.exec.stream);
           !s.ok())
         return s;
-      return a.cache.Write(a.layer, a.key, a.value, compressed, a.work->device_write_slots, a.exec.stream);
+      return a.cache.WriteDeviceSlots(a.layer, a.key, a.value, a.work->device_write_slots, plan.num_tokens(),
+                                      a.exec.stream);
     }
     if (a.cache.device() != Device::kCpu)
       return absl::UnimplementedError("attamba: the compressed write runs on the CPU only in this build");
@@ -301,6 +314,9 @@ class Attamba final : public VariantBackend {
     p.chunk_size = geometry_.chunk_size;
     p.chunk_offset = geometry_.offset;
     p.norm_eps = config_.norm_eps;
+    p.num_sms = a.exec.num_sms;
+    const auto qsl = plan.query_start_loc();  // host copy: O(num_seqs)
+    for (int32_t b = 0; b < plan.num_seqs(); ++b) p.max_seq_tokens = std::max(p.max_seq_tokens, qsl[b + 1] - qsl[b]);
     if (const int e = cuda::LaunchSsm(p, a.exec.stream); e != 0)
       return absl::InternalError(fmt::format("attamba ssm: kernel launch: {}", kv::cuda::ErrorString(e)));
     return absl::OkStatus();

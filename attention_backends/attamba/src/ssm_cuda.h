@@ -29,6 +29,8 @@ struct SsmParams {
   int32_t heads = 0, head_dim = 0, state = 0, groups = 0, conv_width = 0;
   int32_t chunk_size = 1, chunk_offset = 0;
   float norm_eps = 1e-6f;
+  int32_t max_seq_tokens = 0;  // the most tokens of one sequence in the step (sizes the scan's grid)
+  int32_t num_sms = 0;         // multiprocessors (0: assume 132)
 };
 
 int LaunchSsm(const SsmParams& params, void* stream);
