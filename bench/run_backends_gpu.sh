@@ -7,6 +7,11 @@
 #                                            variant, kv_shift, comm and attamba tests, and the demo
 #   bench/run_backends_gpu.sh STAGE OUT bench   bench/star_bench.py, ../shared/tools/star-peers.py,
 #                                               bench/entropy_bench.py, bench/kv_shift_bench.py
+#   bench/run_backends_gpu.sh STAGE OUT attamba attamba's GPU test (every head size built), then
+#                                            bench/attamba_gpu_bench.py (KV bytes per token, decode vs
+#                                            dense) and bench/attamba_ssm_bench.py --device cuda (SSM
+#                                            prefill vs PyTorch), then compute-sanitizer memcheck and
+#                                            racecheck over the attamba test
 # STAGE (bench/stage_gpu.sh) holds lib/ (libkvplug.so and the non-system libraries), the test
 # binaries, the demo and a copy of ../shared/tools/star-peers.py.
 set -uo pipefail
@@ -36,6 +41,31 @@ if [ "$what" = tests ]; then
     echo "== demo"; "$stage/kvplug-demo" "$KVP_LIBRARY" > "$out/demo.txt" 2>&1; echo "demo rc=$?"; grep -E "^(dense|star|entropy|kv_shift|attamba) " "$out/demo.txt"
   fi
   echo "tests rc=$rc"
+elif [ "$what" = attamba ]; then
+  export KVPLUG_LIBRARY=$KVP_LIBRARY PYTHONPATH=$PWD/bindings/python:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+  rc=0
+  echo "== attamba_gpu_test"
+  timeout 120 "$stage/attamba_gpu_test" > "$out/attamba_gpu_test.log" 2>&1; r=$?; rc=$((rc | r))
+  grep -E "^\[  (PASSED|FAILED|SKIPPED)|Failure|max err|skipped" "$out/attamba_gpu_test.log" | sed "s/ | max err / /" | tail -45
+  echo "attamba_gpu_test rc=$r"
+  echo "== attamba_gpu_bench (KV bytes per token, decode vs dense)"
+  timeout ${ATTAMBA_BENCH_TIMEOUT:-200} python3 bench/attamba_gpu_bench.py --out "$out" ${ATTAMBA_BENCH_ARGS:-} 2>&1 \
+    | tee "$out/attamba_gpu_bench.log" | grep -v "^|"; r=$?; rc=$((rc | r))
+  echo "== attamba_ssm_bench --device cuda (SSM prefill vs PyTorch on the same GPU)"
+  rm -f "$out/attamba_ssm_gpu.jsonl"; hdr=--header
+  # ATTAMBA_SSM_CONFIGS: space-separated SEQUENCESxTOKENSxP.
+  for cfg in ${ATTAMBA_SSM_CONFIGS:-1x4096x8 1x16384x8 1x4096x64 8x4096x8}; do
+    IFS=x read -r nseq ntok nchunk <<< "$cfg"
+    timeout ${ATTAMBA_SSM_TIMEOUT:-60} python3 bench/attamba_ssm_bench.py --device cuda --batch "$nseq" --tokens "$ntok" \
+      --chunk "$nchunk" --rounds 7 $hdr --json "$out/attamba_ssm_gpu.jsonl" 2>&1 | tail -3; hdr=
+  done
+  for tool in memcheck racecheck; do
+    KVP_GPU_TRIALS=1 timeout ${ATTAMBA_SANITIZER_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 9 "$stage/attamba_gpu_test" \
+      > "$out/sanitizer_${tool}_attamba_gpu_test.log" 2>&1
+    r=$?; rc=$((rc | r))
+    echo "compute-sanitizer $tool attamba_gpu_test rc=$r $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_${tool}_attamba_gpu_test.log" | tail -1)"
+  done
+  echo "attamba rc=$rc"
 else
   echo "== star_bench"; python3 bench/star_bench.py --lib "$KVP_LIBRARY" --out "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/star_bench.log" | tail -20
   echo "== entropy_bench"; python3 bench/entropy_bench.py --lib "$KVP_LIBRARY" --out "$out" 2>&1 | tee "$out/entropy_bench.log" | tail -10
