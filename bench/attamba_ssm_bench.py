@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="sequences of --tokens each, in one call")
     ap.add_argument("--json", default=None, help="append the row as one JSON line to this file")
     ap.add_argument("--header", action="store_true", help="print the table header")
+    ap.add_argument("--tensors", action="store_true", help="give kvplug torch tensors (DLPack) on the CPU too, as "
+                    "on CUDA (a check of that path without a GPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -106,7 +108,7 @@ def main() -> None:
     plan.update([n * b for b in range(Bn + 1)], [1] * Bn, block_size=16, block_table=[[b] for b in range(Bn)],
                 state_slots=list(range(Bn)), query_pos_starts=[0] * Bn)
     cuda = args.device == "cuda"
-    if cuda:
+    if cuda or args.tensors:
         out = torch.zeros(Bn * n, di, device=dev)
         kw = dict(conv_weight=conv_w, dt_bias=dt_bias, a_log=a_log, d_skip=d_skip, norm_weight=norm_w)
         x_in = inp
@@ -142,7 +144,7 @@ def main() -> None:
     run_kvplug()
     if cuda:
         torch.cuda.synchronize()
-    got = out if cuda else torch.from_numpy(out)
+    got = out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
     err = float((ref.to(got.device) - got).abs().max())
     tk, tt = [], []
     for _ in range(args.rounds):
