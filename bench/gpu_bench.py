@@ -71,6 +71,7 @@ class AttentionOptions(C.Structure):
 
 KDLCUDA, KDLBFLOAT, KDLFLOAT, KDLINT = 2, 4, 2, 0
 HEAD_MAJOR_PAGES = False  # --head-major: pages stored [2, blocks, heads, block_size, d] (FlashInfer's HND)
+PREFILL_AB = False  # --prefill-ab: prefill also on kvplug's own kernel (KVP_CUDA_PREFILL=kvplug)
 BF16, FP8 = 2, 3
 
 
@@ -247,9 +248,22 @@ def bench_prefill(lib, B, L, hq=32, hkv=8, d=128, bs=16):
     kp = Kvplug(lib, hq, hkv, d, bs, num_blocks, B, B * L, num_blocks)
     perm = torch.randperm(num_blocks, dtype=torch.int32)
     tables = [perm[i * blocks_per_seq:(i + 1) * blocks_per_seq] for i in range(B)]
-    kp.plan_batch([L] * B, [L] * B, tables)
     q = torch.randn(B * L, hq, d, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
+    # PREFILL_AB: the same plan under KVP_CUDA_PREFILL=kvplug (kvplug's own kernel) first, then the
+    # default path (FlashInfer's sm_90 prefill where the library has it; "flashinfer" forces it).
+    old = None
+    if PREFILL_AB:
+        saved = os.environ.get("KVP_CUDA_PREFILL")
+        os.environ["KVP_CUDA_PREFILL"] = "kvplug"
+        kp.plan_batch([L] * B, [L] * B, tables)
+        t_old = median_ms(lambda: kp.run(q, out), iters=10, warmup=2)
+        old = (t_old, out.clone())
+        if saved is None:
+            del os.environ["KVP_CUDA_PREFILL"]
+        else:
+            os.environ["KVP_CUDA_PREFILL"] = saved
+    kp.plan_batch([L] * B, [L] * B, tables)
     t_ours = median_ms(lambda: kp.run(q, out), iters=10, warmup=2)
     k, v = gather_contiguous(kp.pages, tables, [L] * B, hkv, d)
     qc = q.view(B, L, hq, d).transpose(1, 2)
@@ -260,7 +274,16 @@ def bench_prefill(lib, B, L, hq=32, hkv=8, d=128, bs=16):
     kp.close()
     row = {"B": B, "L": L, "kvplug_ms": t_ours, "kvplug_TFLOPs": flops / t_ours / 1e9,
            "flash_ms": peers["flash"][0], "flash_TFLOPs": flops / peers["flash"][0] / 1e9,
-           "cudnn_ms": peers["cudnn"][0], "cudnn_TFLOPs": flops / peers["cudnn"][0] / 1e9, "max_abs_vs_sdpa": err}
+           "cudnn_ms": peers["cudnn"][0], "cudnn_TFLOPs": flops / peers["cudnn"][0] / 1e9, "max_abs_vs_sdpa": err,
+           "block_size": bs, "prefill_path": os.environ.get("KVP_CUDA_PREFILL", "auto")}
+    if old is not None:
+        old_err = (old[1].view(B, L, hq, d).transpose(1, 2).float() - ref.float()).abs().max().item() \
+            if ref is not None else float("nan")
+        row.update({"kvplug_own_ms": old[0], "kvplug_own_TFLOPs": flops / old[0] / 1e9,
+                    "kvplug_own_max_abs_vs_sdpa": old_err})
+        print(f"prefill {B}x{L} bs={bs}: default path {row['kvplug_TFLOPs']:.0f} TFLOP/s, kvplug's own kernel "
+              f"{row['kvplug_own_TFLOPs']:.0f}, flash {row['flash_TFLOPs']:.0f}, cuDNN {row['cudnn_TFLOPs']:.0f} "
+              f"(err {err:.1e} / {old_err:.1e})", flush=True)
     del k, v, q, out
     torch.cuda.empty_cache()
     return row
@@ -280,7 +303,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["decode", "prefill"], help="run one sweep")
     ap.add_argument("--head-major", action="store_true", help="head-major page storage (strided view)")
+    ap.add_argument("--prefill-ab", action="store_true",
+                    help="prefill also under KVP_CUDA_PREFILL=kvplug (kvplug's own kernel) in the same run")
+    ap.add_argument("--prefill-block-sizes", default="16", help="comma-separated page sizes of the prefill sweep")
     args = ap.parse_args()
+    global PREFILL_AB
+    PREFILL_AB = args.prefill_ab
     lib = Lib(args.lib)
     global HEAD_MAJOR_PAGES
     HEAD_MAJOR_PAGES = args.head_major
@@ -294,7 +322,8 @@ def main():
     if args.quick:
         decode_shapes, prefill_shapes = decode_shapes[:1], prefill_shapes[:1]
     decode = [bench_decode(lib, B, L) for B, L in decode_shapes] if args.only != "prefill" else []
-    prefill = [bench_prefill(lib, B, L) for B, L in prefill_shapes] if args.only != "decode" else []
+    prefill = [bench_prefill(lib, B, L, bs=int(bs)) for bs in args.prefill_block_sizes.split(",")
+               for B, L in prefill_shapes] if args.only != "decode" else []
     result = {"device": dev, "torch": torch.__version__, "copy_TBps": copy_tbps, "decode": decode, "prefill": prefill}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
@@ -312,6 +341,17 @@ def main():
         lines.append(f"| {r['B']} x {r['L']} | {r['kvplug_TFLOPs']:.0f} ({r['kvplug_ms']:.2f} ms) | {r['flash_TFLOPs']:.0f} | "
                      f"{r['cudnn_TFLOPs']:.0f} | {r['kvplug_TFLOPs'] / r['flash_TFLOPs']:.2f}x | "
                      f"{r['kvplug_TFLOPs'] / r['cudnn_TFLOPs']:.2f}x | {r['max_abs_vs_sdpa']:.1e} |")
+    if any("kvplug_own_TFLOPs" in r for r in prefill):
+        lines += ["", "| prefill B x L, page | default path TFLOP/s | kvplug's own kernel TFLOP/s | default / own | "
+                  "default / cuDNN | own / cuDNN | default / flash | max abs vs SDPA (default / own) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in prefill:
+            if "kvplug_own_TFLOPs" not in r:
+                continue
+            lines.append(f"| {r['B']} x {r['L']}, {r['block_size']} | {r['kvplug_TFLOPs']:.0f} | {r['kvplug_own_TFLOPs']:.0f} | "
+                         f"{r['kvplug_TFLOPs'] / r['kvplug_own_TFLOPs']:.2f}x | {r['kvplug_TFLOPs'] / r['cudnn_TFLOPs']:.2f}x | "
+                         f"{r['kvplug_own_TFLOPs'] / r['cudnn_TFLOPs']:.2f}x | {r['kvplug_TFLOPs'] / r['flash_TFLOPs']:.2f}x | "
+                         f"{r['max_abs_vs_sdpa']:.1e} / {r['kvplug_own_max_abs_vs_sdpa']:.1e} |")
     table = "\n".join(lines)
     with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
         f.write(table + "\n")

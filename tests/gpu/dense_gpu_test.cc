@@ -319,6 +319,11 @@ TEST_F(DenseGpu, CudaGraphReplayMatches) {
   Result r;
   ASSERT_NO_FATAL_FAILURE(RunCase(gpu_, cpu_, c, 21, &r, /*graph=*/true));
   Expect(c, r, "graph-captured decode");
+  // Prefill in the graph too (FlashInfer's sm_90 prefill where it is built: no allocation on run).
+  Case p{32, 8, 128, 16, KVP_DTYPE_BFLOAT16, {{1000, 1000}, {700, 300}, {50, 1}}};
+  Result rp;
+  ASSERT_NO_FATAL_FAILURE(RunCase(gpu_, cpu_, p, 22, &rp, /*graph=*/true));
+  Expect(p, rp, "graph-captured prefill");
 }
 
 TEST_F(DenseGpu, RejectsWhatTheKernelsCannotRun) {

@@ -9,6 +9,7 @@
 
 #include "../attention/variant_harness.h"
 #include "kvplug/attention/cpu_engine.h"
+#include "kvplug/attention/engine.h"
 #include "kvplug/attention/kv_write.h"
 #include "kvplug/attention/star/star.h"
 #include "kvplug/attention/telemetry.h"
@@ -194,6 +195,72 @@ TEST_F(VariantGpu, StarLikeLongContext) {
   c.kv_dtype = c.q_dtype = DType::kBF16;
   c.planner = StarLikePlanner(512, 512);
   CheckOnGpu(c);
+}
+
+bool DeviceIsSm90() {
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
+  return major == 9 && minor == 0;
+}
+
+// The shapes FlashInfer's sm_90 prefill takes (one causal key run ending at the last query: whole
+// prompts, chunks after a prefix, off-power-of-two pages, beside decodes of the same step), checked
+// against the CPU reference with the launch counts showing which path ran; then the shapes that
+// must stay on kvplug's kernel (entropy, a window, Star-like anchor + block).
+TEST_F(VariantGpu, FlashInferPrefillPathMatchesTheCpu) {
+  const bool fi = attn::CudaEngineHasFlashInfer() && DeviceIsSm90() &&
+                  std::string(std::getenv("KVP_CUDA_PREFILL") ? std::getenv("KVP_CUDA_PREFILL") : "") != "kvplug";
+  if (!fi) std::printf("  (no FlashInfer path here: build %d, sm_90 %d; checking the kvplug path)\n",
+                       attn::CudaEngineHasFlashInfer() ? 1 : 0, DeviceIsSm90() ? 1 : 0);
+  struct Shape {
+    int32_t hq, hkv, bs;
+    DType dt;
+    std::vector<std::pair<int32_t, int32_t>> seqs;
+  };
+  const Shape shapes[] = {
+      {32, 8, 16, DType::kBF16, {{1000, 1000}}},
+      {32, 8, 16, DType::kF16, {{700, 300}, {129, 129}, {2000, 1}, {64, 33}}},
+      {8, 2, 24, DType::kBF16, {{333, 333}, {4097, 4}, {500, 250}}},
+      {16, 2, 64, DType::kF16, {{1, 1}, {1500, 1500}, {77, 20}, {300, 299}}},
+      {4, 4, 32, DType::kBF16, {{257, 257}, {90, 17}}},
+  };
+  for (const Shape& sh : shapes) {
+    HarnessCase c;
+    c.num_q_heads = sh.hq;
+    c.num_kv_heads = sh.hkv;
+    c.head_size = 128;
+    c.block_size = sh.bs;
+    c.seqs = sh.seqs;
+    c.kv_dtype = c.q_dtype = sh.dt;
+    c.entropy = false;
+    c.seed = 900 + sh.bs;
+    c.planner = std::make_shared<attn::CausalPlanner>(-1);
+    const attn::CudaPrefillCounts before = attn::GetCudaPrefillCounts();
+    CheckOnGpu(c);
+    const attn::CudaPrefillCounts after = attn::GetCudaPrefillCounts();
+    EXPECT_EQ(after.flashinfer_launches - before.flashinfer_launches, fi ? 1 : 0) << "FlashInfer path";
+  }
+  // Not exact on FlashInfer: entropy (k = 0) and a window (k = 1) stay on kvplug's kernel; a
+  // Star-like step (k = 2) runs its first blocks (one causal run) on FlashInfer and the anchor +
+  // block spans on kvplug's kernel in the same run.
+  for (int k = 0; k < 3; ++k) {
+    HarnessCase c;
+    c.num_q_heads = 32;
+    c.num_kv_heads = 8;
+    c.head_size = 128;
+    c.seqs = {{600, 600}, {300, 100}};
+    c.kv_dtype = c.q_dtype = DType::kBF16;
+    c.entropy = k == 0;
+    c.planner = k == 1 ? std::shared_ptr<attn::KeySetPlanner>(std::make_shared<attn::CausalPlanner>(200))
+                       : k == 2 ? StarLikePlanner(256, 64)
+                                : std::shared_ptr<attn::KeySetPlanner>(std::make_shared<attn::CausalPlanner>(-1));
+    const attn::CudaPrefillCounts before = attn::GetCudaPrefillCounts();
+    CheckOnGpu(c);
+    const attn::CudaPrefillCounts after = attn::GetCudaPrefillCounts();
+    EXPECT_EQ(after.flashinfer_launches - before.flashinfer_launches, k == 2 && fi ? 1 : 0) << "case " << k;
+    EXPECT_GT(after.kvplug_launches, before.kvplug_launches) << "case " << k;
+  }
 }
 
 // The Star backend's own planner (phase 1 anchor + block, phase 2, shards) on the CUDA engine.

@@ -3,7 +3,10 @@
 // lists), uploads them once per step, and launches per layer with no allocation and no
 // synchronization (capturable in a CUDA graph).
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <vector>
 
 #include "fmt/format.h"
@@ -14,9 +17,28 @@
 #include "kvplug/attention/step_work.h"
 #include "kvplug/kv_cache/alloc_hook.h"
 #include "kvplug/kv_cache/cuda_kernels.h"
+#ifdef KVP_HAVE_FLASHINFER
+#include "fi_instances.h"
+#endif
 
 namespace kvplug::attn {
 namespace {
+
+std::atomic<int64_t> g_flashinfer_prefill_launches{0};
+std::atomic<int64_t> g_kvplug_prefill_launches{0};
+
+// KVP_CUDA_PREFILL: "kvplug" keeps every prefill span on kvplug's own kernel; "flashinfer" makes a
+// plan fail when this build or device cannot run FlashInfer's kernel (so a benchmark or test never
+// measures the fallback by accident); unset / "auto": FlashInfer where it is exact, else kvplug.
+enum class PrefillMode { kAuto, kKvplug, kFlashInfer };
+PrefillMode PrefillModeFromEnv() {
+  const char* e = std::getenv("KVP_CUDA_PREFILL");
+  if (!e) return PrefillMode::kAuto;
+  const std::string_view v(e);
+  if (v == "kvplug") return PrefillMode::kKvplug;
+  if (v == "flashinfer") return PrefillMode::kFlashInfer;
+  return PrefillMode::kAuto;
+}
 
 using cuda::WorkItem;
 
@@ -36,7 +58,12 @@ class CudaEngineWork final : public EngineWork {
                    Align(max_merge_slots * 4);
     staging.resize(static_cast<size_t>(device_bytes));
   }
-  ~CudaEngineWork() override { kv::cuda::DeviceFree(device); }
+  ~CudaEngineWork() override {
+    kv::cuda::DeviceFree(device);
+    kv::cuda::DeviceFree(fi_int_ws);
+    kv::cuda::DeviceFree(fi_lse);
+    kv::cuda::DeviceFree(fi_tokens_dev);
+  }
 
   static int64_t Align(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -56,6 +83,27 @@ class CudaEngineWork final : public EngineWork {
   const KeySegment* d_segments = nullptr;
   const int32_t *d_pos_map = nullptr, *d_merge_tokens = nullptr, *d_merge_indptr = nullptr,
                 *d_merge_slots = nullptr;
+  // Prefill items of the spans FlashInfer cannot run come first among the prefill items; the
+  // FlashInfer spans' own items follow (num_prefill in all), for runs whose variant FlashInfer
+  // lacks (scale table, soft cap, entropy).
+  int32_t num_prefill_kvplug = 0;
+
+  // The FlashInfer prefill path (engine_cuda.cc: FlashInferEligible), set up at creation when the
+  // build, the device and the heads allow it.
+  bool fi_capable = false;
+  void* fi_int_ws = nullptr;  // device: FlashInfer's work lists
+  std::vector<uint8_t> fi_int_host;
+  float* fi_lse = nullptr;         // device [max_num_tokens, num_q_heads]: base-2 lse before conversion
+  int32_t* fi_tokens_dev = nullptr;  // device [max_num_tokens]: the rows FlashInfer writes
+  std::vector<int32_t> fi_tokens, fi_qo_indptr, fi_token_begin, fi_page_offset, fi_kv_len;
+  std::vector<uint8_t> span_on_fi;
+  int32_t max_tokens = 0;
+  // The last plan's FlashInfer part.
+  bool fi_active = false;
+  int32_t fi_num_tokens = 0;
+#ifdef KVP_HAVE_FLASHINFER
+  cuda::fi::PlanInfo fi_plan;
+#endif
 };
 
 
@@ -78,7 +126,41 @@ int64_t ClipSegments(const KeySets& keys, const QuerySpan& span, int32_t first, 
   return total;
 }
 
+// Whether FlashInfer's bottom-right causal prefill computes `span` exactly: one segment of
+// contiguous positions that starts on a page, no window that hides any of its keys, and keys that
+// end exactly at the last query's position (query i of n then sees keys [0, kv_len - n + i], as
+// FlashInfer's causal mask does), at least as many keys as queries. On success *page_offset is the
+// first page and *kv_len the key count.
+bool FlashInferEligible(const KeySets& keys, const QuerySpan& s, int32_t block_size, int32_t* page_offset,
+                        int32_t* kv_len) {
+  if (s.segment_end - s.segment_begin != 1) return false;
+  const int32_t ntok = s.token_end - s.token_begin;
+  const int32_t last = s.pos_begin + ntok - 1;
+  KeySegment g;
+  int32_t n = 0;
+  if (ClipSegments(keys, s, s.pos_begin, last, &g, &n) == 0 || n != 1) return false;
+  if (g.pos_map >= 0 || g.lag_min != 0 || g.key_begin % block_size != 0) return false;
+  if (int64_t{last} - g.pos_base - g.key_begin > g.lag_max) return false;  // a window hides keys
+  if (int64_t{g.pos_base} + g.key_end - 1 != last) return false;           // keys end at the last query
+  if (g.key_end - g.key_begin < ntok) return false;
+  *page_offset = g.page_offset + g.key_begin / block_size;
+  *kv_len = g.key_end - g.key_begin;
+  return true;
+}
+
 }  // namespace
+
+CudaPrefillCounts GetCudaPrefillCounts() {
+  return {g_flashinfer_prefill_launches.load(), g_kvplug_prefill_launches.load()};
+}
+
+bool CudaEngineHasFlashInfer() {
+#ifdef KVP_HAVE_FLASHINFER
+  return true;
+#else
+  return false;
+#endif
+}
 
 int64_t CudaEngineWorkspaceBytes(const HeadConfig& heads) { return kPartialSlots * PartialRowBytes(heads); }
 
@@ -110,6 +192,38 @@ absl::StatusOr<std::unique_ptr<EngineWork>> CreateCudaEngineWork(const KeySetBou
   if (const int e = kv::cuda::DeviceAlloc(&work->device, work->device_bytes, exec.device_id); e != 0)
     return absl::ResourceExhaustedError(fmt::format("CUDA engine: allocating {} device bytes of step work: {}",
                                                     work->device_bytes, kv::cuda::ErrorString(e)));
+  work->max_tokens = capacity.max_num_tokens;
+#ifdef KVP_HAVE_FLASHINFER
+  // FlashInfer's buffers, once: its work lists, a base-2 lse scratch and the rows it writes.
+  if ((heads.kv_dtype == DType::kF16 || heads.kv_dtype == DType::kBF16) &&
+      (cuda::fi::FindRun(true, heads.head_size) || cuda::fi::FindRun(false, heads.head_size)) &&
+      cuda::fi::DeviceSupported(exec.device_id)) {
+    const int64_t bytes = cuda::fi::IntWorkspaceBytes(capacity.max_num_tokens, bounds.max_spans, heads.num_q_heads,
+                                                      exec.num_sms);
+    const int64_t lse_bytes = int64_t{capacity.max_num_tokens} * heads.num_q_heads * 4;
+    void *ws = nullptr, *lse = nullptr, *tok = nullptr;
+    if (kv::cuda::DeviceAlloc(&ws, bytes, exec.device_id) != 0 ||
+        kv::cuda::DeviceAlloc(&lse, lse_bytes, exec.device_id) != 0 ||
+        kv::cuda::DeviceAlloc(&tok, int64_t{capacity.max_num_tokens} * 4, exec.device_id) != 0) {
+      kv::cuda::DeviceFree(ws);
+      kv::cuda::DeviceFree(lse);
+      return absl::ResourceExhaustedError(
+          fmt::format("CUDA engine: allocating {} device bytes for FlashInfer's prefill", bytes + lse_bytes));
+    }
+    work->fi_int_ws = ws;
+    work->fi_lse = static_cast<float*>(lse);
+    work->fi_tokens_dev = static_cast<int32_t*>(tok);
+    work->fi_int_host.resize(size_t(bytes));
+    const size_t spans = size_t(std::max<int64_t>(bounds.max_spans, 1));
+    work->fi_tokens.resize(size_t(capacity.max_num_tokens));
+    work->fi_qo_indptr.resize(spans + 1);
+    work->fi_token_begin.resize(spans);
+    work->fi_page_offset.resize(spans);
+    work->fi_kv_len.resize(spans);
+    work->span_on_fi.resize(spans);
+    work->fi_capable = true;
+  }
+#endif
   return work;
 }
 
@@ -216,33 +330,99 @@ absl::Status PlanCudaEngineWork(const BatchPlan& plan, const KeySets& keys, cons
     w.decode_round = round0 > 0 && int64_t{round0} * (max_split + 1) == int64_t(ni) ? round0 : 0;
   }
 
-  // Prefill-shaped spans: tiles of prefill_rows rows, the heaviest (most visible keys) first.
-  const size_t first_prefill = ni;
-  for (const QuerySpan& s : keys.spans()) {
-    const int32_t ntok = s.token_end - s.token_begin;
-    const int32_t rows = ntok * group;
-    if (rows <= cuda::DecodeTileRows()) continue;
-    for (int32_t row0 = 0; row0 < rows; row0 += prefill_rows) {
-      const int32_t first = s.pos_begin + row0 / group;
-      const int32_t last = s.pos_begin + (std::min(row0 + prefill_rows, rows) - 1) / group;
-      int32_t nseg = 0;
-      ClipSegments(keys, s, first, last, clipped, &nseg);
-      if (!emit(WorkItem{s.token_begin, ntok, s.pos_begin, row0, 0, 0, -1, 0}, clipped, nseg)) return overflow();
+  // Which prefill-shaped spans FlashInfer's kernel can run exactly (planned with its scheduler
+  // here, once per step); their kvplug items are still made, after the others', for runs whose
+  // variant it lacks.
+  const PrefillMode mode = PrefillModeFromEnv();
+  w.fi_active = false;
+  w.fi_num_tokens = 0;
+  int32_t fi_requests = 0;
+  if (mode == PrefillMode::kFlashInfer && !w.fi_capable)
+    return absl::FailedPreconditionError(fmt::format(
+        "CUDA engine: KVP_CUDA_PREFILL=flashinfer, but {}", !CudaEngineHasFlashInfer()
+                                                                 ? "this build has no FlashInfer (KVP_WITH_FLASHINFER)"
+                                                                 : "the device is not sm_90 or the heads/dtype are not built"));
+#ifdef KVP_HAVE_FLASHINFER
+  if (w.fi_capable && mode != PrefillMode::kKvplug) {
+    int32_t rows_total = 0;
+    w.fi_qo_indptr[0] = 0;
+    for (size_t i = 0; i < keys.spans().size(); ++i) {
+      const QuerySpan& s = keys.spans()[i];
+      const int32_t ntok = s.token_end - s.token_begin;
+      int32_t page = 0, kv_len = 0;
+      w.span_on_fi[i] = ntok * group > cuda::DecodeTileRows() &&
+                        FlashInferEligible(keys, s, plan.block_size(), &page, &kv_len);
+      if (!w.span_on_fi[i]) continue;
+      w.fi_token_begin[fi_requests] = s.token_begin;
+      w.fi_page_offset[fi_requests] = page;
+      w.fi_kv_len[fi_requests] = kv_len;
+      rows_total += ntok;
+      w.fi_qo_indptr[++fi_requests] = rows_total;
+      for (int32_t t = 0; t < ntok; ++t) w.fi_tokens[w.fi_num_tokens++] = s.token_begin + t;
+    }
+    if (fi_requests > 0) {
+      cuda::fi::PlanArgs pa;
+      pa.num_requests = fi_requests;
+      pa.qo_indptr = w.fi_qo_indptr.data();
+      pa.token_begin = w.fi_token_begin.data();
+      pa.kv_page_offset = w.fi_page_offset.data();
+      pa.kv_len = w.fi_kv_len.data();
+      pa.num_q_heads = heads.num_q_heads;
+      pa.num_kv_heads = heads.num_kv_heads;
+      pa.head_size = heads.head_size;
+      pa.page_size = plan.block_size();
+      pa.int_ws = w.fi_int_ws;
+      pa.int_ws_host = w.fi_int_host.data();
+      pa.int_ws_bytes = static_cast<int64_t>(w.fi_int_host.size());
+      pa.stream = exec.stream;
+      char error[256] = {0};
+      if (cuda::fi::Plan(pa, &w.fi_plan, error, sizeof(error)) != 0)
+        return absl::InternalError(fmt::format("CUDA engine: {}", error));
+      // The one-schedule-for-all-heads kernel (over ~500k rows) is not compiled in.
+      w.fi_active = !w.fi_plan.same_schedule_for_all_heads;
+    }
+    if (!w.fi_active) {
+      w.fi_num_tokens = 0;
+      std::fill(w.span_on_fi.begin(), w.span_on_fi.begin() + keys.spans().size(), uint8_t{0});
     }
   }
-  w.num_prefill = static_cast<int32_t>(ni - first_prefill);
+#endif
+  auto on_fi = [&](size_t i) { return w.fi_active && w.span_on_fi[i] != 0; };
+
+  // Prefill-shaped spans: tiles of prefill_rows rows, the heaviest (most visible keys) first; the
+  // spans kvplug always runs, then the FlashInfer spans' (used only when FlashInfer cannot run).
+  const size_t first_prefill = ni;
   // Causal work grows with the tile's last key: launch the heavy tiles first (against wave tails).
   auto visible_keys = [&](const WorkItem& it) {
     int64_t n = 0;
     for (int32_t j = it.seg_begin; j < it.seg_end; ++j) n += w.segments[j].key_end - w.segments[j].key_begin;
     return n;
   };
-  // std::sort works in place (a plan update allocates nothing); ties keep span and tile order.
-  std::sort(w.items.begin() + first_prefill, w.items.begin() + ni, [&](const WorkItem& a, const WorkItem& b) {
-    const int64_t ka = visible_keys(a), kb = visible_keys(b);
-    if (ka != kb) return ka > kb;
-    return a.token_begin != b.token_begin ? a.token_begin < b.token_begin : a.row0 < b.row0;
-  });
+  size_t group_begin = first_prefill;
+  for (const bool fi_group : {false, true}) {
+    for (size_t i = 0; i < keys.spans().size(); ++i) {
+      const QuerySpan& s = keys.spans()[i];
+      const int32_t ntok = s.token_end - s.token_begin;
+      const int32_t rows = ntok * group;
+      if (rows <= cuda::DecodeTileRows() || on_fi(i) != fi_group) continue;
+      for (int32_t row0 = 0; row0 < rows; row0 += prefill_rows) {
+        const int32_t first = s.pos_begin + row0 / group;
+        const int32_t last = s.pos_begin + (std::min(row0 + prefill_rows, rows) - 1) / group;
+        int32_t nseg = 0;
+        ClipSegments(keys, s, first, last, clipped, &nseg);
+        if (!emit(WorkItem{s.token_begin, ntok, s.pos_begin, row0, 0, 0, -1, 0}, clipped, nseg)) return overflow();
+      }
+    }
+    // std::sort works in place (a plan update allocates nothing); ties keep span and tile order.
+    std::sort(w.items.begin() + group_begin, w.items.begin() + ni, [&](const WorkItem& a, const WorkItem& b) {
+      const int64_t ka = visible_keys(a), kb = visible_keys(b);
+      if (ka != kb) return ka > kb;
+      return a.token_begin != b.token_begin ? a.token_begin < b.token_begin : a.row0 < b.row0;
+    });
+    if (!fi_group) w.num_prefill_kvplug = static_cast<int32_t>(ni - first_prefill);
+    group_begin = ni;
+  }
+  w.num_prefill = static_cast<int32_t>(ni - first_prefill);
   w.merge_indptr[nm] = nslots;
   w.num_segments = static_cast<int32_t>(ns);
   w.num_merges = nm;
@@ -270,6 +450,10 @@ absl::Status PlanCudaEngineWork(const BatchPlan& plan, const KeySets& keys, cons
   // Pageable source: the copy is staged before the call returns, so the next plan may refill it.
   if (const int e = kv::cuda::MemcpyAsync(w.device, host, off, exec.stream); e != 0)
     return absl::InternalError(fmt::format("CUDA engine: step work upload of {} bytes: {}", off, kv::cuda::ErrorString(e)));
+  if (w.fi_num_tokens > 0)
+    if (const int e = kv::cuda::MemcpyAsync(w.fi_tokens_dev, w.fi_tokens.data(), int64_t{w.fi_num_tokens} * 4,
+                                            exec.stream); e != 0)
+      return absl::InternalError(fmt::format("CUDA engine: FlashInfer rows upload: {}", kv::cuda::ErrorString(e)));
   return absl::OkStatus();
 }
 
@@ -353,15 +537,65 @@ absl::Status RunCudaEngine(const RunArgs& a, const HeadConfig& heads, const Vari
   p.merge_indptr = w->d_merge_indptr;
   p.merge_slots = w->d_merge_slots;
   p.num_merges = w->num_merges;
+  // FlashInfer runs its spans when the variant is plain scaled attention (no scale table, soft cap
+  // or entropy) on a float16/bfloat16 cache; its spans' kvplug items are skipped then.
+  bool fi_run = false;
+#ifdef KVP_HAVE_FLASHINFER
+  cuda::fi::RunFn fi_launch = nullptr;
+  if (w->fi_active && !fp8 && variant.logits_soft_cap == 0.0f && !variant.scale_table && !a.outputs.entropy) {
+    fi_launch = cuda::fi::FindRun(a.query.dtype == DType::kBF16, heads.head_size);
+    fi_run = fi_launch != nullptr;
+  }
+#endif
   for (const bool decode : {true, false}) {
     p.items = w->d_items + (decode ? 0 : w->num_decode);
-    p.num_items = decode ? w->num_decode : w->num_prefill;
+    p.num_items = decode ? w->num_decode : (fi_run ? w->num_prefill_kvplug : w->num_prefill);
     p.heads_fastest = (decode ? kHeadsFastestDecode : kHeadsFastestPrefill) ? 1 : 0;
     p.round_size = decode ? w->decode_round : 0;
     if (p.num_items == 0) continue;
     if (const int e = launch(p, decode, a.exec.stream); e != 0)
       return absl::InternalError(fmt::format("CUDA engine: kernel launch failed: {}", kv::cuda::ErrorString(e)));
+    if (!decode) g_kvplug_prefill_launches.fetch_add(1, std::memory_order_relaxed);
   }
+#ifdef KVP_HAVE_FLASHINFER
+  if (fi_run) {
+    // FlashInfer writes base-2 lse rows [token, head] contiguously: straight into a contiguous
+    // lse, else into the scratch; either way converted to natural log (and scattered) after.
+    float* lse_out = a.outputs.lse ? static_cast<float*>(a.outputs.lse->data) : nullptr;
+    const bool lse_dense = lse_out && a.outputs.lse->strides[1] == 1 &&
+                           a.outputs.lse->strides[0] == heads.num_q_heads;
+    cuda::fi::RunArgs f;
+    f.q = a.query.data;
+    f.q_stride_n = a.query.strides[0];
+    f.q_stride_h = a.query.strides[1];
+    f.nnz_qo = a.query.shape[0];
+    f.o = a.outputs.out->data;
+    f.o_stride_n = a.outputs.out->strides[0];
+    f.o_stride_h = a.outputs.out->strides[1];
+    f.lse = lse_out ? (lse_dense ? lse_out : w->fi_lse) : nullptr;
+    f.k = pages.View().k;
+    f.v = pages.View().v;
+    f.stride_block = pages.View().stride_block;
+    f.stride_pos = pages.View().stride_pos;
+    f.stride_head = pages.View().stride_head;
+    f.kv_indices = a.plan.device_kv_indices();
+    f.num_q_heads = heads.num_q_heads;
+    f.num_kv_heads = heads.num_kv_heads;
+    f.page_size = a.plan.block_size();
+    f.sm_scale = variant.sm_scale;
+    f.int_ws = w->fi_int_ws;
+    f.plan = &w->fi_plan;
+    if (const int e = fi_launch(f, a.exec.stream); e != 0)
+      return absl::InternalError(fmt::format("CUDA engine: FlashInfer prefill launch failed: {}",
+                                             e < 0 ? std::string("bad arguments") : kv::cuda::ErrorString(e)));
+    g_flashinfer_prefill_launches.fetch_add(1, std::memory_order_relaxed);
+    if (lse_out)
+      if (const int e = cuda::fi::LseToNatural(f.lse, lse_out, a.outputs.lse->strides[0], a.outputs.lse->strides[1],
+                                               w->fi_tokens_dev, w->fi_num_tokens, heads.num_q_heads, a.exec.stream);
+          e != 0)
+        return absl::InternalError(fmt::format("CUDA engine: lse conversion failed: {}", kv::cuda::ErrorString(e)));
+  }
+#endif
   if (const int e = cuda::LaunchMergeSplits(p, a.exec.stream); e != 0)
     return absl::InternalError(fmt::format("CUDA engine: merge launch failed: {}", kv::cuda::ErrorString(e)));
   return absl::OkStatus();

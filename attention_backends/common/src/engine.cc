@@ -63,6 +63,8 @@ absl::Status RunVariant(const RunArgs& a, const HeadConfig& heads, const Variant
 }
 
 #ifndef KVP_HAVE_CUDA
+CudaPrefillCounts GetCudaPrefillCounts() { return {}; }
+bool CudaEngineHasFlashInfer() { return false; }
 absl::Status RunCudaEngine(const RunArgs&, const HeadConfig&, const VariantParams&) {
   return absl::UnimplementedError("this library was built without CUDA");
 }

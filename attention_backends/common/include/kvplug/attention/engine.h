@@ -32,6 +32,20 @@ absl::Status MergeStatesCuda(const MergeStatesArgs& args, void* stream);
 // Implemented by the CUDA engine (engine_cuda.cc).
 absl::Status RunCudaEngine(const RunArgs& args, const HeadConfig& heads, const VariantParams& variant);
 
+// The CUDA engine's prefill paths. Where the build has FlashInfer (KVP_WITH_FLASHINFER) and the
+// device is sm_90, prefill spans that are plain causal attention over one contiguous key run
+// ending at the last query (dense, chunked prefill) run on FlashInfer's sm_90 FA3 paged prefill
+// when the run's variant is plain scaled attention; everything else runs on kvplug's own kernels.
+// KVP_CUDA_PREFILL=kvplug turns FlashInfer off, =flashinfer makes planning fail where it is
+// unavailable (read at every plan update). Process-wide launch counts of each prefill path, for
+// tests and benchmarks.
+struct CudaPrefillCounts {
+  int64_t flashinfer_launches = 0;
+  int64_t kvplug_launches = 0;
+};
+CudaPrefillCounts GetCudaPrefillCounts();
+bool CudaEngineHasFlashInfer();
+
 
 // A backend's registry entry on the family's engines (their dtypes and head sizes on each device,
 // lse and entropy outputs); the backend adds its factory and flags.
