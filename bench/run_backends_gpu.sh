@@ -12,12 +12,13 @@
 #                                            dense) and bench/attamba_ssm_bench.py --device cuda (SSM
 #                                            prefill vs PyTorch), then compute-sanitizer memcheck and
 #                                            racecheck over the attamba test
-#   bench/run_backends_gpu.sh STAGE OUT prefill the CUDA engine's prefill paths (issue 18): every GPU
-#                                               test, compute-sanitizer memcheck + racecheck over the
-#                                               FlashInfer path's test and the graph-captured prefill,
-#                                               then bench/gpu_bench.py --only prefill --prefill-ab (the
-#                                               default path and KVP_CUDA_PREFILL=kvplug in the same run,
-#                                               beside SDPA flash and cuDNN; pages of PREFILL_PAGES)
+#   bench/run_backends_gpu.sh STAGE OUT prefill the CUDA engine's prefill paths (issue 18): the variant
+#                                               and dense GPU tests, bench/gpu_bench.py --only prefill
+#                                               --prefill-ab (the default path and KVP_CUDA_PREFILL=kvplug
+#                                               in the same run, beside SDPA flash and cuDNN; pages of
+#                                               PREFILL_PAGES), the kv_shift and attamba tests, then
+#                                               compute-sanitizer memcheck + racecheck over the FlashInfer
+#                                               path's test and memcheck over the graph-captured prefill
 # STAGE (bench/stage_gpu.sh) holds lib/ (libkvplug.so and the non-system libraries), the test
 # binaries, the demo and a copy of ../shared/tools/star-peers.py.
 set -uo pipefail
@@ -29,25 +30,29 @@ export NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/device.txt"
 if [ "$what" = prefill ]; then
   rc=0
-  for t in variant_gpu_test dense_gpu_test kv_shift_gpu_test attamba_gpu_test comm_gpu_test; do
-    [ -x "$stage/$t" ] || { echo "missing $t"; continue; }
-    echo "== $t"
-    timeout 240 "$stage/$t" > "$out/$t.log" 2>&1; r=$?; rc=$((rc | r))
-    grep -E "^\[  (PASSED|FAILED|SKIPPED)|Failure|FlashInfer|flashinfer|causal/w-1" "$out/$t.log" | tail -30
-    echo "$t rc=$r"
-  done
+  gtest() {  # name timeout
+    [ -x "$stage/$1" ] || { echo "missing $1"; return; }
+    echo "== $1"
+    timeout "$2" "$stage/$1" > "$out/$1.log" 2>&1; local r=$?; rc=$((rc | r))
+    grep -E "^\[  (PASSED|FAILED|SKIPPED)|Failure|FlashInfer|causal/w-1 .*D=128" "$out/$1.log" | tail -30
+    echo "$1 rc=$r"
+  }
+  gtest variant_gpu_test 200
+  gtest dense_gpu_test 150
+  echo "== prefill A/B"
+  PYTHONUNBUFFERED=1 timeout 240 python3 bench/gpu_bench.py --lib "$KVP_LIBRARY" --out "$out" --only prefill --prefill-ab \
+    --prefill-block-sizes "${PREFILL_PAGES:-16,64}" 2>&1 | tee "$out/gpu_bench.log" | grep -vE "^\s*$" | tail -40
+  gtest kv_shift_gpu_test 60
+  gtest attamba_gpu_test 60
   for tool in memcheck racecheck; do
-    KVP_GPU_TRIALS=1 timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 "$stage/variant_gpu_test" \
+    KVP_GPU_TRIALS=1 timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 "$stage/variant_gpu_test" \
       --gtest_filter='*FlashInfer*' > "$out/sanitizer_${tool}_fi.log" 2>&1
     r=$?; rc=$((rc | r)); echo "$tool variant_gpu_test FlashInfer* rc=$r $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_${tool}_fi.log" | tail -1)"
   done
-  timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 "$stage/dense_gpu_test" \
-    --gtest_filter='*CudaGraph*:*RaggedBatches*' > "$out/sanitizer_memcheck_dense.log" 2>&1
-  r=$?; rc=$((rc | r)); echo "memcheck dense_gpu_test graph+ragged rc=$r $(grep -E 'ERROR SUMMARY' "$out/sanitizer_memcheck_dense.log" | tail -1)"
+  timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 "$stage/dense_gpu_test" \
+    --gtest_filter='*CudaGraph*' > "$out/sanitizer_memcheck_dense.log" 2>&1
+  r=$?; rc=$((rc | r)); echo "memcheck dense_gpu_test CudaGraph* rc=$r $(grep -E 'ERROR SUMMARY' "$out/sanitizer_memcheck_dense.log" | tail -1)"
   echo "tests rc=$rc"
-  echo "== prefill A/B"
-  PYTHONUNBUFFERED=1 timeout 300 python3 bench/gpu_bench.py --lib "$KVP_LIBRARY" --out "$out" --only prefill --prefill-ab \
-    --prefill-block-sizes "${PREFILL_PAGES:-16,64}" 2>&1 | tee "$out/gpu_bench.log" | grep -vE "^\s*$" | tail -40
   exit 0
 fi
 if [ "$what" = tests ]; then
