@@ -48,6 +48,8 @@ if [ "$what" = prefill ]; then
     KVP_GPU_TRIALS=1 timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 "$stage/variant_gpu_test" \
       --gtest_filter='*FlashInfer*' > "$out/sanitizer_${tool}_fi.log" 2>&1
     r=$?; rc=$((rc | r)); echo "$tool variant_gpu_test FlashInfer* rc=$r $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_${tool}_fi.log" | tail -1)"
+    # $OUT returns at most 8 files: the first reports go to stdout.
+    grep -m12 -A3 -E "^========= (Error|Warning|Race|Invalid)" "$out/sanitizer_${tool}_fi.log" | head -40
   done
   timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 "$stage/dense_gpu_test" \
     --gtest_filter='*CudaGraph*' > "$out/sanitizer_memcheck_dense.log" 2>&1
