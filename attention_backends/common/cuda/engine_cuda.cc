@@ -162,6 +162,17 @@ bool CudaEngineHasFlashInfer() {
 #endif
 }
 
+bool CudaEngineHasFlashInfer(DType dtype, int32_t head_size) {
+#ifdef KVP_HAVE_FLASHINFER
+  return (dtype == DType::kF16 || dtype == DType::kBF16) &&
+         cuda::fi::FindRun(dtype == DType::kBF16, head_size) != nullptr;
+#else
+  (void)dtype;
+  (void)head_size;
+  return false;
+#endif
+}
+
 int64_t CudaEngineWorkspaceBytes(const HeadConfig& heads) { return kPartialSlots * PartialRowBytes(heads); }
 
 absl::Status CheckCudaEngineSupport(const HeadConfig& h) {

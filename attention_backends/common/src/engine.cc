@@ -65,6 +65,7 @@ absl::Status RunVariant(const RunArgs& a, const HeadConfig& heads, const Variant
 #ifndef KVP_HAVE_CUDA
 CudaPrefillCounts GetCudaPrefillCounts() { return {}; }
 bool CudaEngineHasFlashInfer() { return false; }
+bool CudaEngineHasFlashInfer(DType, int32_t) { return false; }
 absl::Status RunCudaEngine(const RunArgs&, const HeadConfig&, const VariantParams&) {
   return absl::UnimplementedError("this library was built without CUDA");
 }

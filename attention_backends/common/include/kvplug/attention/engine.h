@@ -45,6 +45,9 @@ struct CudaPrefillCounts {
 };
 CudaPrefillCounts GetCudaPrefillCounts();
 bool CudaEngineHasFlashInfer();
+// Whether the build carries FlashInfer's prefill for this query/cache dtype and head size
+// (KVP_FLASHINFER_DTYPES x KVP_FLASHINFER_HEAD_SIZES).
+bool CudaEngineHasFlashInfer(DType dtype, int32_t head_size);
 
 
 // A backend's registry entry on the family's engines (their dtypes and head sizes on each device,
