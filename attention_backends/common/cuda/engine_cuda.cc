@@ -43,7 +43,7 @@ PrefillMode PrefillModeFromEnv() {
 using cuda::WorkItem;
 
 constexpr int64_t kPartialSlots = 2048;  // token rows of split partials the workspace holds
-constexpr int32_t kMinKeysPerSplit = 512;
+constexpr int32_t kMinKeysPerSplit = 128;  // two key tiles
 
 int64_t PartialRowBytes(const HeadConfig& h) { return int64_t{h.num_q_heads} * (h.head_size + 2) * 4; }
 
@@ -268,8 +268,9 @@ absl::Status PlanCudaEngineWork(const BatchPlan& plan, const KeySets& keys, cons
     if ((s.token_end - s.token_begin) * group <= cuda::DecodeTileRows()) ++num_decode_spans;
   const int64_t ctas = std::max<int64_t>(1, num_decode_spans * heads.num_kv_heads);
   // About 4 CTAs per SM in all (two full waves at the 2 CTAs per SM that shared memory allows):
-  // measured on H100 against 2, 8 and 16 per SM. Each split keeps at least 512 keys so the
-  // partials stay cheap to merge.
+  // measured on H100 against 2, 8 and 16 per SM. Each split keeps at least kMinKeysPerSplit keys;
+  // short key sets (attamba's compressed cache, windows) need small splits to fill the grid at
+  // batch 1 (512 left a 2k-key set on 32 CTAs of 132 SMs), and a merge of a few more partials is cheap.
   const int64_t base_splits = (4LL * std::max(exec.num_sms, 1) + ctas - 1) / ctas;
   KeySegment clipped[cuda::kMaxSegmentsPerItem];
   for (const QuerySpan& s : keys.spans()) {
