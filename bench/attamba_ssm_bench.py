@@ -101,9 +101,12 @@ def main() -> None:
     ctx = kvplug.Context(args.device, num_threads=args.threads)
     cfg = kvplug.attamba_config(chunk_size=P, window=0, ssm_heads=heads, ssm_head_dim=head_dim, state_size=state,
                                 conv_width=width)
-    attn = kvplug.Attention(ctx, "attamba", num_q_heads=8, num_kv_heads=8, head_size=64, config=cfg)
+    # The SSM never reads the pages; their dtype only has to be one the device's attention takes.
+    kv_dtype = "bfloat16" if args.device == "cuda" else "float32"
+    attn = kvplug.Attention(ctx, "attamba", num_q_heads=8, num_kv_heads=8, head_size=64, config=cfg,
+                            kv_dtype=kv_dtype)
     cache = kvplug.KvCache(ctx, num_layers=1, num_blocks=4 * Bn, block_size=16, num_kv_heads=8, head_size=64,
-                           num_state_slots=Bn, state_bytes_per_layer=attn.state_bytes)
+                           dtype=kv_dtype, num_state_slots=Bn, state_bytes_per_layer=attn.state_bytes)
     plan = kvplug.Plan(ctx, max_num_seqs=Bn, max_num_tokens=Bn * n, max_num_blocks=4 * Bn)
     plan.update([n * b for b in range(Bn + 1)], [1] * Bn, block_size=16, block_table=[[b] for b in range(Bn)],
                 state_slots=list(range(Bn)), query_pos_starts=[0] * Bn)

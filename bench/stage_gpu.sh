@@ -16,6 +16,6 @@ done
 [ -x "$build/bench/kvplug-demo" ] && cp "$build/bench/kvplug-demo" "$stage/"
 "$tool" "$build" "$build/abi/libkvplug.so" "${bins[@]}" >/dev/null
 cp -L "$build"/device-libs/* "$stage/lib/" 2>/dev/null || true
-for f in /lib/x86_64-linux-gnu/libflatbuffers.so.*; do [ -e "$f" ] && cp -L "$f" "$stage/lib/"; done
+for f in /lib/x86_64-linux-gnu/libflatbuffers.so.* /lib/x86_64-linux-gnu/libhwy.so.1*; do [ -e "$f" ] && cp -L "$f" "$stage/lib/"; done
 cp "$(dirname "$0")/../../shared/tools/star-peers.py" "$stage/" 2>/dev/null || true
 du -sh "$stage" | cut -f1 | xargs echo "staged $stage:"

@@ -383,7 +383,9 @@ TEST(AttambaGeometry, MatchesTheDefinition) {
         ASSERT_EQ(g.EndsBefore(p), count) << "P " << P << " off " << off << " p " << p;
         ASSERT_EQ(g.ChunkStart(p), start) << "P " << P << " off " << off << " p " << p;
         const int next = *ends.lower_bound(p);
-        if (next < 290) ASSERT_EQ(g.NextEnd(p), next) << "P " << P << " off " << off << " p " << p;
+        if (next < 290) {
+          ASSERT_EQ(g.NextEnd(p), next) << "P " << P << " off " << off << " p " << p;
+        }
         if (ends.count(p)) ++count, start = p + 1;
       }
     }
