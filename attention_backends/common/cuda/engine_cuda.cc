@@ -43,7 +43,8 @@ PrefillMode PrefillModeFromEnv() {
 using cuda::WorkItem;
 
 constexpr int64_t kPartialSlots = 2048;  // token rows of split partials the workspace holds
-constexpr int32_t kMinKeysPerSplit = 128;  // two key tiles
+constexpr int32_t kMinKeysPerSplit = 512;
+constexpr int32_t kMinKeysPerSplitUnderWave = 128;  // two key tiles
 
 int64_t PartialRowBytes(const HeadConfig& h) { return int64_t{h.num_q_heads} * (h.head_size + 2) * 4; }
 
@@ -268,10 +269,13 @@ absl::Status PlanCudaEngineWork(const BatchPlan& plan, const KeySets& keys, cons
     if ((s.token_end - s.token_begin) * group <= cuda::DecodeTileRows()) ++num_decode_spans;
   const int64_t ctas = std::max<int64_t>(1, num_decode_spans * heads.num_kv_heads);
   // About 4 CTAs per SM in all (two full waves at the 2 CTAs per SM that shared memory allows):
-  // measured on H100 against 2, 8 and 16 per SM. Each split keeps at least kMinKeysPerSplit keys;
-  // short key sets (attamba's compressed cache, windows) need small splits to fill the grid at
-  // batch 1 (512 left a 2k-key set on 32 CTAs of 132 SMs), and a merge of a few more partials is cheap.
+  // measured on H100 against 2, 8 and 16 per SM. Each split keeps at least kMinKeysPerSplit keys so
+  // the partials stay cheap to merge, unless that leaves the grid under one wave: short key sets
+  // (attamba's compressed cache, windows) at small batches then split down to
+  // kMinKeysPerSplitUnderWave keys, up to one wave (512 left a 2k-key set on 32 CTAs of 132 SMs;
+  // 128 everywhere made batch 8 slower, merging many tiny partials).
   const int64_t base_splits = (4LL * std::max(exec.num_sms, 1) + ctas - 1) / ctas;
+  const int64_t wave = 2LL * std::max(exec.num_sms, 1);
   KeySegment clipped[cuda::kMaxSegmentsPerItem];
   for (const QuerySpan& s : keys.spans()) {
     const int32_t ntok = s.token_end - s.token_begin;
@@ -281,6 +285,10 @@ absl::Status PlanCudaEngineWork(const BatchPlan& plan, const KeySets& keys, cons
     const WorkItem base{s.token_begin, ntok, s.pos_begin, 0, 0, 0, -1, 0};
     int64_t splits = std::min<int64_t>({base_splits, std::max<int64_t>(1, visible / kMinKeysPerSplit),
                                         cuda::kMaxMergeSplits});
+    if (ctas * splits < wave)
+      splits = std::max<int64_t>(splits, std::min<int64_t>({(wave + ctas - 1) / ctas,
+                                                            std::max<int64_t>(1, visible / kMinKeysPerSplitUnderWave),
+                                                            cuda::kMaxMergeSplits}));
     if (splits > 1 && (slots + splits * ntok > slot_cap || nm + ntok > static_cast<int32_t>(w.merge_tokens.size()) ||
                        nslots + splits * ntok > static_cast<int64_t>(w.merge_slots.size())))
       splits = 1;  // the workspace is full: this span runs unsplit
