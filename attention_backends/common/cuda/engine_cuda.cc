@@ -270,10 +270,11 @@ absl::Status PlanCudaEngineWork(const BatchPlan& plan, const KeySets& keys, cons
   const int64_t ctas = std::max<int64_t>(1, num_decode_spans * heads.num_kv_heads);
   // About 4 CTAs per SM in all (two full waves at the 2 CTAs per SM that shared memory allows):
   // measured on H100 against 2, 8 and 16 per SM. Each split keeps at least kMinKeysPerSplit keys so
-  // the partials stay cheap to merge, unless that leaves the grid under one wave: short key sets
+  // the partials stay cheap to merge, unless that leaves the grid under half a wave: short key sets
   // (attamba's compressed cache, windows) at small batches then split down to
   // kMinKeysPerSplitUnderWave keys, up to one wave (512 left a 2k-key set on 32 CTAs of 132 SMs;
-  // 128 everywhere made batch 8 slower, merging many tiny partials).
+  // on the H200, 128 everywhere, or up to a wave from 256 CTAs, made batch 8 slower: 4 -> 9 or 5
+  // splits of a 2k-key set, 31 -> 41 us).
   const int64_t base_splits = (4LL * std::max(exec.num_sms, 1) + ctas - 1) / ctas;
   const int64_t wave = 2LL * std::max(exec.num_sms, 1);
   KeySegment clipped[cuda::kMaxSegmentsPerItem];
@@ -285,7 +286,7 @@ absl::Status PlanCudaEngineWork(const BatchPlan& plan, const KeySets& keys, cons
     const WorkItem base{s.token_begin, ntok, s.pos_begin, 0, 0, 0, -1, 0};
     int64_t splits = std::min<int64_t>({base_splits, std::max<int64_t>(1, visible / kMinKeysPerSplit),
                                         cuda::kMaxMergeSplits});
-    if (ctas * splits < wave)
+    if (2 * ctas * splits < wave)
       splits = std::max<int64_t>(splits, std::min<int64_t>({(wave + ctas - 1) / ctas,
                                                             std::max<int64_t>(1, visible / kMinKeysPerSplitUnderWave),
                                                             cuda::kMaxMergeSplits}));
