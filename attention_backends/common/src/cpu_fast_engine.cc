@@ -150,22 +150,21 @@ void RowToFloat(const void* src, DType t, int32_t n, float* HWY_RESTRICT dst) {
 // st[j][r0 + lanes of RB vectors] = q_r . k_j for the tile's kKeyTile keys (k: [kKeyTile][d]; past
 // the last key zeros): rows in lanes, the key element broadcast, one FMA chain over the head per
 // score. RB * KB chains run side by side to cover the FMA latency.
-template <int RB, int KB>
-void Scores(const float* HWY_RESTRICT qt, int32_t ldr, int32_t r0, const float* HWY_RESTRICT k, int32_t d,
+template <class D, int RB, int KB>
+void Scores(D df, const float* HWY_RESTRICT qt, int32_t ldr, int32_t r0, const float* HWY_RESTRICT k, int32_t d,
             float* HWY_RESTRICT st) {
   static_assert(kKeyTile % KB == 0);
-  const DF df;
   const int32_t N = static_cast<int32_t>(hn::Lanes(df));
   for (int32_t j = 0; j < kKeyTile; j += KB) {
-    VF acc[RB][KB];
+    hn::Vec<D> acc[RB][KB];
     for (int b = 0; b < RB; ++b)
       for (int x = 0; x < KB; ++x) acc[b][x] = hn::Zero(df);
     const float* kj = k + size_t(j) * d;
     for (int32_t i = 0; i < d; ++i) {
-      VF q[RB];
+      hn::Vec<D> q[RB];
       for (int b = 0; b < RB; ++b) q[b] = hn::LoadU(df, qt + size_t(i) * ldr + r0 + b * N);
       for (int x = 0; x < KB; ++x) {
-        const VF kb = hn::Set(df, kj[size_t(x) * d + i]);
+        const hn::Vec<D> kb = hn::Set(df, kj[size_t(x) * d + i]);
         for (int b = 0; b < RB; ++b) acc[b][x] = hn::MulAdd(q[b], kb, acc[b][x]);
       }
     }
@@ -228,20 +227,20 @@ void AccumulatePVRows(const float* p, int32_t ldp, const float* v, int32_t nk, i
 // [r0, r0 + lanes): the tile's probabilities (0 where masked) replace its scores, (m, l, u) advance
 // and c gets each row's correction of its earlier outputs (1 where the max did not grow).
 // Returns whether any of these rows saw a key in this tile.
-bool SoftmaxTile(float* HWY_RESTRICT st, int32_t ldr, int32_t r0, int32_t nk, float cap, bool full,
+template <class D>
+bool SoftmaxTile(D df, float* HWY_RESTRICT st, int32_t ldr, int32_t r0, int32_t nk, float cap, bool full,
                  const KeySegment& seg, const int32_t* kpos, bool want_entropy, Scratch& w) {
-  const DF df;
-  const hn::RebindToSigned<DF> di;
-  const VF ninf = hn::Set(df, kNegInf);
-  const VF vscale = hn::LoadU(df, w.scale + r0);
+  const hn::RebindToSigned<D> di;
+  const hn::Vec<D> ninf = hn::Set(df, kNegInf);
+  const hn::Vec<D> vscale = hn::LoadU(df, w.scale + r0);
   const auto qp = hn::LoadU(di, w.qpos + r0);
   // Lags are differences of int32 positions, so clamping the bounds to int32 keeps the mask.
   const auto lag_lo = hn::Set(di, static_cast<int32_t>(std::clamp<int64_t>(seg.lag_min, INT32_MIN, INT32_MAX)));
   const auto lag_hi = hn::Set(di, static_cast<int32_t>(std::clamp<int64_t>(seg.lag_max, INT32_MIN, INT32_MAX)));
-  VF vmax = ninf;
+  hn::Vec<D> vmax = ninf;
   for (int32_t j = 0; j < kKeyTile; ++j) {
     float* row = st + size_t(j) * ldr + r0;
-    VF x = ninf;
+    hn::Vec<D> x = ninf;
     if (j < nk) {
       x = hn::Mul(hn::LoadU(df, row), vscale);
       if (cap > 0.0f) x = hn::Mul(hn::Set(df, cap), hn::Tanh(df, hn::Mul(x, hn::Set(df, 1.0f / cap))));
@@ -256,17 +255,17 @@ bool SoftmaxTile(float* HWY_RESTRICT st, int32_t ldr, int32_t r0, int32_t nk, fl
   }
   const auto seen_any = hn::Gt(vmax, ninf);
   if (hn::AllFalse(df, seen_any)) return false;
-  const VF m_old = hn::LoadU(df, w.m + r0);
+  const hn::Vec<D> m_old = hn::LoadU(df, w.m + r0);
   const auto grow = hn::Gt(vmax, m_old);
-  const VF m_new = hn::IfThenElse(grow, vmax, m_old);
-  const VF c = hn::IfThenElse(grow, hn::Exp(df, hn::Sub(m_old, m_new)), hn::Set(df, 1.0f));  // 0 on a first key
-  VF l = hn::Mul(hn::LoadU(df, w.l + r0), c);
-  VF u = hn::Mul(hn::LoadU(df, w.u + r0), c);
+  const hn::Vec<D> m_new = hn::IfThenElse(grow, vmax, m_old);
+  const hn::Vec<D> c = hn::IfThenElse(grow, hn::Exp(df, hn::Sub(m_old, m_new)), hn::Set(df, 1.0f));  // 0 on a first key
+  hn::Vec<D> l = hn::Mul(hn::LoadU(df, w.l + r0), c);
+  hn::Vec<D> u = hn::Mul(hn::LoadU(df, w.u + r0), c);
   for (int32_t j = 0; j < nk; ++j) {
     float* row = st + size_t(j) * ldr + r0;
-    const VF x = hn::LoadU(df, row);
+    const hn::Vec<D> x = hn::LoadU(df, row);
     const auto seen = hn::Gt(x, ninf);
-    const VF p = hn::IfThenElseZero(seen, hn::Exp(df, hn::Sub(x, m_new)));
+    const hn::Vec<D> p = hn::IfThenElseZero(seen, hn::Exp(df, hn::Sub(x, m_new)));
     l = hn::Add(l, p);
     if (want_entropy) u = hn::MulAdd(p, hn::IfThenElseZero(seen, x), u);
     hn::StoreU(p, df, row);
@@ -277,6 +276,27 @@ bool SoftmaxTile(float* HWY_RESTRICT st, int32_t ldr, int32_t r0, int32_t nk, fl
   hn::StoreU(u, df, w.u + r0);
   hn::StoreU(c, df, w.c + r0);
   return true;
+}
+
+// Rows [r0, r1) whose running max grew: their earlier outputs times the correction c.
+void RescaleRows(Scratch& w, int32_t r0, int32_t r1, int32_t d) {
+  const DF df;
+  const int32_t N = static_cast<int32_t>(hn::Lanes(df));
+  for (int32_t r = r0; r < r1; ++r) {
+    const float c = w.c[r];
+    if (c == 1.0f) continue;
+    float* o = w.o + size_t(r) * d;
+    const VF vc = hn::Set(df, c);
+    for (int32_t i = 0; i < d; i += N) hn::StoreU(hn::Mul(hn::LoadU(df, o + i), vc), df, o + i);
+  }
+}
+
+// Scores and softmax of one head's rows [r0, r0 + N / 2) on half vectors.
+bool SoftmaxHalf(const float* qt, int32_t ldr, int32_t r0, const float* k, int32_t d, int32_t nk, float cap,
+                 bool full, const KeySegment& seg, const int32_t* kpos, bool want_entropy, Scratch& w) {
+  const hn::Half<DF> dh;
+  Scores<hn::Half<DF>, 1, 8>(dh, qt, ldr, r0, k, d, w.st);
+  return SoftmaxTile(dh, w.st, ldr, r0, nk, cap, full, seg, kpos, want_entropy, w);
 }
 
 struct Item {
@@ -398,19 +418,23 @@ void RunItem(const CpuAttentionArgs& a, const Item& it, Scratch& w) {
         const float* k = w.k + gi * tile_floats;
         const float* v = w.v + gi * tile_floats;
         const int32_t rb = gi * rm.padded, re = rb + rm.padded;
+        // A head with at most half a vector of rows (decode at small groups) runs on half vectors:
+        // the same per-lane operations, half the work where wide vectors are split (Zen 1).
+        const bool half = 2 * rm.per_head <= N && N >= 8;
+        if (half) {
+          if (!SoftmaxHalf(w.qt, ldr, rb, k, d, nk, vp.logits_soft_cap, full, seg, kpos, want_entropy, w)) continue;
+          const int32_t r1 = rb + rm.per_head;
+          RescaleRows(w, rb, r1, d);
+          AccumulatePVRows(w.st + rb, ldr, v, nk, d, r1 - rb, w.o + size_t(rb) * d);
+          continue;
+        }
         int32_t r0 = rb;
-        for (; r0 + 2 * N <= re; r0 += 2 * N) Scores<2, 4>(w.qt, ldr, r0, k, d, w.st);
-        if (r0 < re) Scores<1, 8>(w.qt, ldr, r0, k, d, w.st);
+        for (; r0 + 2 * N <= re; r0 += 2 * N) Scores<DF, 2, 4>(df, w.qt, ldr, r0, k, d, w.st);
+        if (r0 < re) Scores<DF, 1, 8>(df, w.qt, ldr, r0, k, d, w.st);
         for (r0 = rb; r0 < re; r0 += N) {
-          if (!SoftmaxTile(w.st, ldr, r0, nk, vp.logits_soft_cap, full, seg, kpos, want_entropy, w)) continue;
+          if (!SoftmaxTile(df, w.st, ldr, r0, nk, vp.logits_soft_cap, full, seg, kpos, want_entropy, w)) continue;
           const int32_t r1 = std::min(rb + rm.per_head, r0 + N);
-          for (int32_t r = r0; r < r1; ++r) {
-            const float c = w.c[r];
-            if (c == 1.0f) continue;
-            float* o = w.o + size_t(r) * d;
-            const VF vc = hn::Set(df, c);
-            for (int32_t i = 0; i < d; i += N) hn::StoreU(hn::Mul(hn::LoadU(df, o + i), vc), df, o + i);
-          }
+          RescaleRows(w, r0, r1, d);
           AccumulatePVRows(w.st + r0, ldr, v, nk, d, r1 - r0, w.o + size_t(r0) * d);
         }
       }
