@@ -292,7 +292,7 @@ void RescaleRows(Scratch& w, int32_t r0, int32_t r1, int32_t d) {
 }
 
 // Scores and softmax of one head's rows [r0, r0 + N / 2) on half vectors.
-bool SoftmaxHalf(const float* qt, int32_t ldr, int32_t r0, const float* k, int32_t d, int32_t nk, float cap,
+bool ScoresAndSoftmaxHalf(const float* qt, int32_t ldr, int32_t r0, const float* k, int32_t d, int32_t nk, float cap,
                  bool full, const KeySegment& seg, const int32_t* kpos, bool want_entropy, Scratch& w) {
   const hn::Half<DF> dh;
   Scores<hn::Half<DF>, 1, 8>(dh, qt, ldr, r0, k, d, w.st);
@@ -376,27 +376,8 @@ void RunItem(const CpuAttentionArgs& a, const Item& it, Scratch& w) {
     if (jlo >= jhi) continue;
     // Tiles start at the segment's start whatever the query tile, so each row meets the same tiles.
     jlo = seg.key_begin + (jlo - seg.key_begin) / kKeyTile * kKeyTile;
-    // Pages come in any order, so the hardware prefetcher cannot run ahead across them: the next
-    // tile's rows (the item's KV heads of each token) are prefetched by hand.
-    const size_t row_bytes = size_t(d) * DTypeSize(pages.dtype);
-    auto prefetch_tile = [&](int32_t t0) {
-      const int32_t t1 = std::min(jhi, t0 + kKeyTile);
-      for (int32_t j = t0; j < t1; ++j) {
-        const int32_t block = kv_indices[seg.page_offset + j / bs];
-        for (int32_t g = it.g0; g < it.g1; ++g) {
-          const char* krow = static_cast<const char*>(pages.Row(0, block, j % bs, g));
-          const char* vr = static_cast<const char*>(pages.Row(1, block, j % bs, g));
-          for (size_t off = 0; off < row_bytes; off += 64) {
-            __builtin_prefetch(krow + off);
-            __builtin_prefetch(vr + off);
-          }
-        }
-      }
-    };
-    prefetch_tile(jlo);
     for (int32_t j0 = jlo; j0 < jhi; j0 += kKeyTile) {
       const int32_t nk = std::min(kKeyTile, jhi - j0);
-      if (j0 + kKeyTile < jhi) prefetch_tile(j0 + kKeyTile);
       // The tile's rows, per KV head contiguous in fp32, read token by token (all of the item's
       // heads of a token lie side by side in the common layout). fp32 caches are copied too: rows of
       // one KV head lie a token apart, often a multiple of 4 KiB, and would fall in the same L1 sets.
@@ -422,7 +403,7 @@ void RunItem(const CpuAttentionArgs& a, const Item& it, Scratch& w) {
         // the same per-lane operations, half the work where wide vectors are split (Zen 1).
         const bool half = 2 * rm.per_head <= N && N >= 8;
         if (half) {
-          if (!SoftmaxHalf(w.qt, ldr, rb, k, d, nk, vp.logits_soft_cap, full, seg, kpos, want_entropy, w)) continue;
+          if (!ScoresAndSoftmaxHalf(w.qt, ldr, rb, k, d, nk, vp.logits_soft_cap, full, seg, kpos, want_entropy, w)) continue;
           const int32_t r1 = rb + rm.per_head;
           RescaleRows(w, rb, r1, d);
           AccumulatePVRows(w.st + rb, ldr, v, nk, d, r1 - rb, w.o + size_t(rb) * d);
