@@ -72,6 +72,7 @@ class AttentionOptions(C.Structure):
 KDLCUDA, KDLBFLOAT, KDLFLOAT, KDLINT = 2, 4, 2, 0
 HEAD_MAJOR_PAGES = False  # --head-major: pages stored [2, blocks, heads, block_size, d] (FlashInfer's HND)
 PREFILL_AB = False  # --prefill-ab: prefill also on kvplug's own kernel (KVP_CUDA_PREFILL=kvplug)
+DECODE_AB = []  # --decode-ab K1,K2: decode also under KVP_CUDA_DECODE=K (cta, warp, kv1, kv2)
 BF16, FP8 = 2, 3
 
 
@@ -210,6 +211,19 @@ def sdpa_times(q, k, v, causal):
     return out
 
 
+def timed_under(env, value, fn, **kw):
+    """median_ms(fn) with os.environ[env] = value for the duration (the engine reads it per run)."""
+    saved = os.environ.get(env)
+    os.environ[env] = value
+    try:
+        return median_ms(fn, **kw)
+    finally:
+        if saved is None:
+            del os.environ[env]
+        else:
+            os.environ[env] = saved
+
+
 def bench_decode(lib, B, L, hq=32, hkv=8, d=128, bs=16):
     blocks_per_seq = (L + bs - 1) // bs
     num_blocks = B * blocks_per_seq
@@ -220,6 +234,9 @@ def bench_decode(lib, B, L, hq=32, hkv=8, d=128, bs=16):
     q = torch.randn(B, hq, d, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
     t_ours = median_ms(lambda: kp.run(q, out))
+    alt = {name: {"ms": timed_under("KVP_CUDA_DECODE", name, lambda: kp.run(q, out))} for name in DECODE_AB}
+    if DECODE_AB:
+        kp.run(q, out)  # out from the default kernel again
     k, v = gather_contiguous(kp.pages, tables, [L] * B, hkv, d)
     peers = sdpa_times(q.unsqueeze(2), k, v, causal=False)
     kv_bytes = B * L * hkv * d * 2 * 2
@@ -231,13 +248,24 @@ def bench_decode(lib, B, L, hq=32, hkv=8, d=128, bs=16):
     kp8.plan_batch([1] * B, [L] * B, tables)
     out8 = torch.empty_like(q)
     t_fp8 = median_ms(lambda: kp8.run(q, out8))
+    for name in DECODE_AB:
+        alt[name]["fp8_ms"] = timed_under("KVP_CUDA_DECODE", name, lambda: kp8.run(q, out8))
+    if DECODE_AB:
+        kp8.run(q, out8)
     err8 = (out8.float() - out.float()).abs().max().item()
     kp8.close()
     kp.close()
     row = {"B": B, "L": L, "kvplug_ms": t_ours, "kvplug_TBps": kv_bytes / t_ours / 1e9,
            "fp8_ms": t_fp8, "fp8_speedup": t_ours / t_fp8, "fp8_max_abs_vs_bf16": err8,
            "flash_ms": peers["flash"][0], "flash_TBps": kv_bytes / peers["flash"][0] / 1e9,
-           "cudnn_ms": peers["cudnn"][0], "cudnn_TBps": kv_bytes / peers["cudnn"][0] / 1e9, "max_abs_vs_sdpa": err}
+           "cudnn_ms": peers["cudnn"][0], "cudnn_TBps": kv_bytes / peers["cudnn"][0] / 1e9, "max_abs_vs_sdpa": err,
+           "decode_kernel": os.environ.get("KVP_CUDA_DECODE", "default"), "alt": alt}
+    for a in alt.values():
+        a["TBps"] = kv_bytes / a["ms"] / 1e9
+    others = ", ".join(f"{n} {a['TBps']:.2f} TB/s fp8 {a['fp8_ms']:.3f} ms" for n, a in alt.items())
+    print(f"decode {B}x{L}: {row['kvplug_TBps']:.2f} TB/s, flash {row['flash_TBps']:.2f}, cuDNN {row['cudnn_TBps']:.2f}; "
+          f"fp8 {t_fp8:.3f} ms ({t_ours / t_fp8:.2f}x bf16), err {err:.1e} / fp8 {err8:.1e}" +
+          (f"; {others}" if others else ""), flush=True)
     torch.cuda.empty_cache()
     return row
 
@@ -275,13 +303,13 @@ def bench_prefill(lib, B, L, hq=32, hkv=8, d=128, bs=16):
     row = {"B": B, "L": L, "kvplug_ms": t_ours, "kvplug_TFLOPs": flops / t_ours / 1e9,
            "flash_ms": peers["flash"][0], "flash_TFLOPs": flops / peers["flash"][0] / 1e9,
            "cudnn_ms": peers["cudnn"][0], "cudnn_TFLOPs": flops / peers["cudnn"][0] / 1e9, "max_abs_vs_sdpa": err,
-           "block_size": bs, "prefill_path": os.environ.get("KVP_CUDA_PREFILL", "auto")}
+           "block_size": bs, "head_size": d, "prefill_path": os.environ.get("KVP_CUDA_PREFILL", "auto")}
     if old is not None:
         old_err = (old[1].view(B, L, hq, d).transpose(1, 2).float() - ref.float()).abs().max().item() \
             if ref is not None else float("nan")
         row.update({"kvplug_own_ms": old[0], "kvplug_own_TFLOPs": flops / old[0] / 1e9,
                     "kvplug_own_max_abs_vs_sdpa": old_err})
-        print(f"prefill {B}x{L} bs={bs}: default path {row['kvplug_TFLOPs']:.0f} TFLOP/s, kvplug's own kernel "
+        print(f"prefill {B}x{L} d={d} bs={bs}: default path {row['kvplug_TFLOPs']:.0f} TFLOP/s, kvplug's own kernel "
               f"{row['kvplug_own_TFLOPs']:.0f}, flash {row['flash_TFLOPs']:.0f}, cuDNN {row['cudnn_TFLOPs']:.0f} "
               f"(err {err:.1e} / {old_err:.1e})", flush=True)
     del k, v, q, out
@@ -305,10 +333,16 @@ def main():
     ap.add_argument("--head-major", action="store_true", help="head-major page storage (strided view)")
     ap.add_argument("--prefill-ab", action="store_true",
                     help="prefill also under KVP_CUDA_PREFILL=kvplug (kvplug's own kernel) in the same run")
+    ap.add_argument("--decode-ab", default="",
+                    help="comma-separated KVP_CUDA_DECODE kernels (cta, warp, kv1, kv2) also timed in the same run")
+    ap.add_argument("--decode-shapes", help="comma-separated BxL decode shapes (default: the four)")
+    ap.add_argument("--prefill-heads", default="128", help="comma-separated head sizes of the prefill sweep")
+    ap.add_argument("--prefill-shapes", help="comma-separated BxL prefill shapes (default: the four)")
     ap.add_argument("--prefill-block-sizes", default="16", help="comma-separated page sizes of the prefill sweep")
     args = ap.parse_args()
-    global PREFILL_AB
+    global PREFILL_AB, DECODE_AB
     PREFILL_AB = args.prefill_ab
+    DECODE_AB = [k for k in args.decode_ab.split(",") if k]
     lib = Lib(args.lib)
     global HEAD_MAJOR_PAGES
     HEAD_MAJOR_PAGES = args.head_major
@@ -319,11 +353,15 @@ def main():
     print(f"device-to-device copy: {copy_tbps:.2f} TB/s (read + write)")
     decode_shapes = [(64, 4096), (16, 32768), (128, 2048), (1, 131072)]
     prefill_shapes = [(1, 4096), (1, 16384), (1, 65536), (4, 4096)]
+    if args.decode_shapes:
+        decode_shapes = [tuple(int(x) for x in s.split("x")) for s in args.decode_shapes.split(",")]
     if args.quick:
         decode_shapes, prefill_shapes = decode_shapes[:1], prefill_shapes[:1]
     decode = [bench_decode(lib, B, L) for B, L in decode_shapes] if args.only != "prefill" else []
-    prefill = [bench_prefill(lib, B, L, bs=int(bs)) for bs in args.prefill_block_sizes.split(",")
-               for B, L in prefill_shapes] if args.only != "decode" else []
+    if args.prefill_shapes:
+        prefill_shapes = [tuple(int(x) for x in s.split("x")) for s in args.prefill_shapes.split(",")]
+    prefill = [bench_prefill(lib, B, L, d=int(d), bs=int(bs)) for d in args.prefill_heads.split(",")
+               for bs in args.prefill_block_sizes.split(",") for B, L in prefill_shapes] if args.only != "decode" else []
     result = {"device": dev, "torch": torch.__version__, "copy_TBps": copy_tbps, "decode": decode, "prefill": prefill}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
@@ -335,6 +373,15 @@ def main():
         lines.append(f"| {r['B']} x {r['L']} | {r['kvplug_TBps']:.2f} ({r['kvplug_ms']:.3f} ms) | {r['flash_TBps']:.2f} | "
                      f"{r['cudnn_TBps']:.2f} | {r['kvplug_TBps'] / best:.2f}x | {r['max_abs_vs_sdpa']:.1e} | "
                      f"{r['fp8_ms']:.3f} | {r['fp8_speedup']:.2f}x | {r['fp8_max_abs_vs_bf16']:.1e} |")
+    if DECODE_AB and decode:
+        lines += ["", "| decode B x L | default TB/s | " + " | ".join(f"{k} TB/s" for k in DECODE_AB) +
+                  " | default fp8 / bf16 | " + " | ".join(f"{k} fp8 / bf16" for k in DECODE_AB) + " |",
+                  "| --- | --- |" + " --- |" * (2 * len(DECODE_AB) + 1)]
+        for r in decode:
+            lines.append(f"| {r['B']} x {r['L']} | {r['kvplug_TBps']:.2f} | " +
+                         " | ".join(f"{r['alt'][k]['TBps']:.2f}" for k in DECODE_AB) +
+                         f" | {r['fp8_speedup']:.2f}x | " +
+                         " | ".join(f"{r['alt'][k]['ms'] / r['alt'][k]['fp8_ms']:.2f}x" for k in DECODE_AB) + " |")
     lines += ["", "| prefill B x L | kvplug TFLOP/s | flash TFLOP/s | cuDNN TFLOP/s | vs flash | vs cuDNN | max abs vs SDPA |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in prefill:
@@ -342,13 +389,13 @@ def main():
                      f"{r['cudnn_TFLOPs']:.0f} | {r['kvplug_TFLOPs'] / r['flash_TFLOPs']:.2f}x | "
                      f"{r['kvplug_TFLOPs'] / r['cudnn_TFLOPs']:.2f}x | {r['max_abs_vs_sdpa']:.1e} |")
     if any("kvplug_own_TFLOPs" in r for r in prefill):
-        lines += ["", "| prefill B x L, page | default path TFLOP/s | kvplug's own kernel TFLOP/s | default / own | "
+        lines += ["", "| prefill B x L, head, page | default path TFLOP/s | kvplug's own kernel TFLOP/s | default / own | "
                   "default / cuDNN | own / cuDNN | default / flash | max abs vs SDPA (default / own) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in prefill:
             if "kvplug_own_TFLOPs" not in r:
                 continue
-            lines.append(f"| {r['B']} x {r['L']}, {r['block_size']} | {r['kvplug_TFLOPs']:.0f} | {r['kvplug_own_TFLOPs']:.0f} | "
+            lines.append(f"| {r['B']} x {r['L']}, d{r['head_size']}, {r['block_size']} | {r['kvplug_TFLOPs']:.0f} | {r['kvplug_own_TFLOPs']:.0f} | "
                          f"{r['kvplug_TFLOPs'] / r['kvplug_own_TFLOPs']:.2f}x | {r['kvplug_TFLOPs'] / r['cudnn_TFLOPs']:.2f}x | "
                          f"{r['kvplug_own_TFLOPs'] / r['cudnn_TFLOPs']:.2f}x | {r['kvplug_TFLOPs'] / r['flash_TFLOPs']:.2f}x | "
                          f"{r['max_abs_vs_sdpa']:.1e} / {r['kvplug_own_max_abs_vs_sdpa']:.1e} |")

@@ -12,6 +12,8 @@
 #                                            dense) and bench/attamba_ssm_bench.py --device cuda (SSM
 #                                            prefill vs PyTorch), then compute-sanitizer memcheck and
 #                                            racecheck over the attamba test
+#   bench/run_backends_gpu.sh STAGE OUT decode  the CUDA engine's decode (issue 18): tests, the decode
+#                                               A/B bench, the FlashInfer peer if staged, ncu, sanitizers
 #   bench/run_backends_gpu.sh STAGE OUT prefill the CUDA engine's prefill paths (issue 18): the variant
 #                                               and dense GPU tests, bench/gpu_bench.py --only prefill
 #                                               --prefill-ab (the default path and KVP_CUDA_PREFILL=kvplug
@@ -55,6 +57,63 @@ if [ "$what" = prefill ]; then
     --gtest_filter='*CudaGraph*' > "$out/sanitizer_memcheck_dense.log" 2>&1
   r=$?; rc=$((rc | r)); echo "memcheck dense_gpu_test CudaGraph* rc=$r $(grep -E 'ERROR SUMMARY' "$out/sanitizer_memcheck_dense.log" | tail -1)"
   echo "tests rc=$rc"
+  exit 0
+fi
+if [ "$what" = decode ]; then
+  # Issue 18's decode part: the dense, variant, kv_shift and attamba GPU tests (decode on the
+  # default warp-private tiles), gpu_bench.py --only decode --decode-ab $DECODE_AB (default: the
+  # CTA-wide tiles and kv1 beside the default, bf16 and fp8, beside SDPA flash and cuDNN),
+  # FlashInfer's decode kernels when STAGE/fipeer holds the peer build, Nsight Compute on the decode
+  # kernel (NCU_SHAPES x NCU_KERNELS, bf16 and fp8), then compute-sanitizer (SANITIZERS) over the
+  # decode tests. $OUT returns at most 8 files: logs are concatenated.
+  export PYTHONUNBUFFERED=1
+  rc=0
+  : > "$out/tests.log"
+  for t in dense_gpu_test variant_gpu_test kv_shift_gpu_test attamba_gpu_test; do
+    echo "== $t"; timeout 200 "$stage/$t" > /tmp/$t.log 2>&1; r=$?; rc=$((rc | r)); cat /tmp/$t.log >> "$out/tests.log"
+    grep -E "^\[  (PASSED|FAILED|SKIPPED)|Failure" /tmp/$t.log | tail -12; echo "$t rc=$r"
+  done
+  echo "== decode A/B"
+  timeout 240 python3 bench/gpu_bench.py --lib "$KVP_LIBRARY" --out "$out" --only decode --decode-ab "${DECODE_AB:-cta,kv1}" \
+    ${DECODE_SHAPES:+--decode-shapes $DECODE_SHAPES} 2>&1 | grep -vE "^\s*$" | tail -24
+  # DECODE_CTAS_PER_SM="8 16": the split rule's grid target, each its own run (default 4 above).
+  for cps in ${DECODE_CTAS_PER_SM:-}; do
+    echo "== decode, KVP_CUDA_DECODE_CTAS_PER_SM=$cps"
+    KVP_CUDA_DECODE_CTAS_PER_SM=$cps timeout 120 python3 bench/gpu_bench.py --lib "$KVP_LIBRARY" --out /tmp/cps$cps \
+      --only decode ${DECODE_SHAPES:+--decode-shapes $DECODE_SHAPES} 2>&1 | grep -E "^decode "
+  done
+  if [ -x "$stage/fipeer/fi_bench.py" ] || [ -f "$stage/fipeer/fi_bench.py" ]; then
+    echo "== FlashInfer peer (decode)"
+    (cd "$stage/fipeer" && OUT=$out timeout 200 python3 fi_bench.py --lib ./libfi_bench.so ${FI_ARGS:-} 2>&1 | tail -30)
+  fi
+  if [ -z "${SKIP_NCU:-}" ] && command -v ncu >/dev/null; then
+    echo "== Nsight Compute (decode kernel)"
+    : > "$out/ncu_decode.txt"
+    for shape in ${NCU_SHAPES:-64x4096 16x32768}; do
+      for kern in ${NCU_KERNELS:-warp}; do
+        # launches: 10 warm-up + 60 timed bf16 runs, then the fp8 cache's: skip 20 -> bf16, 90 -> fp8.
+        for skip in 20 90; do
+          echo "#### $shape KVP_CUDA_DECODE=$kern launch-skip $skip ($([ $skip = 20 ] && echo bf16 || echo fp8))" >> "$out/ncu_decode.txt"
+          KVP_CUDA_DECODE=$kern timeout 90 ncu -k regex:PagedAttention --launch-skip $skip --launch-count 1 \
+            --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+            --section MemoryWorkloadAnalysis --section SchedulerStats \
+            python3 bench/gpu_bench.py --lib "$KVP_LIBRARY" --out /tmp/ncu_scratch --only decode \
+            --decode-shapes $shape >> "$out/ncu_decode.txt" 2>&1
+        done
+      done
+    done
+    grep -E "^####|DRAM Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Duration|Registers Per|Shared Memory Config|Dynamic Shared|No Eligible|Issued Warp" "$out/ncu_decode.txt" | head -120
+  fi
+  if [ -z "${SKIP_SANITIZER:-}" ]; then
+    for tool in ${SANITIZERS:-memcheck racecheck synccheck}; do
+      # KVP_CUDA_PREFILL=kvplug: only kvplug's kernels (FlashInfer's prefill is checked in "prefill").
+      KVP_CUDA_PREFILL=kvplug KVP_GPU_TRIALS=1 timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 "$stage/dense_gpu_test" \
+        --gtest_filter='*Decode*:*Fp8*:*Ragged*' > "$out/sanitizer_$tool.log" 2>&1
+      r=$?; rc=$((rc | r)); echo "$tool dense_gpu_test decode rc=$r $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -1)"
+      grep -m6 -A3 -E "^========= (Error|Warning|Race|Invalid|Barrier)" "$out/sanitizer_$tool.log" | head -20
+    done
+  fi
+  echo "decode rc=$rc"
   exit 0
 fi
 if [ "$what" = tests ]; then

@@ -40,6 +40,26 @@ PrefillMode PrefillModeFromEnv() {
   return PrefillMode::kAuto;
 }
 
+// KVP_CUDA_DECODE forces one decode tile pipeline (A/B runs): "cta" CTA-wide key tiles (the earlier
+// kernel), "warp" warp-private tiles, "kv1" warp-private tiles with K and V in separate async
+// groups over one stage; unset: warp for 16-bit pages, kv1 for fp8 pages (the measured best).
+int32_t DecodeKernelFromEnv() {
+  const char* e = std::getenv("KVP_CUDA_DECODE");
+  if (!e) return 3;
+  const std::string_view v(e);
+  if (v == "cta") return 0;
+  if (v == "warp") return 1;
+  if (v == "kv1") return 2;
+  return 3;
+}
+
+// KVP_CUDA_DECODE_CTAS_PER_SM: the decode grid the split rule aims at (default 4; A/B runs).
+int64_t DecodeCtasPerSm() {
+  const char* e = std::getenv("KVP_CUDA_DECODE_CTAS_PER_SM");
+  const int64_t v = e ? std::atoll(e) : 0;
+  return v >= 1 && v <= 64 ? v : 4;
+}
+
 using cuda::WorkItem;
 
 constexpr int64_t kPartialSlots = 2048;  // token rows of split partials the workspace holds
@@ -275,7 +295,7 @@ absl::Status PlanCudaEngineWork(const BatchPlan& plan, const KeySets& keys, cons
   // kMinKeysPerSplitUnderWave keys, up to one wave (512 left a 2k-key set on 32 CTAs of 132 SMs;
   // on the H200, 128 everywhere, or up to a wave from 256 CTAs, made batch 8 slower: 4 -> 9 or 5
   // splits of a 2k-key set, 31 -> 41 us).
-  const int64_t base_splits = (4LL * std::max(exec.num_sms, 1) + ctas - 1) / ctas;
+  const int64_t base_splits = (DecodeCtasPerSm() * std::max(exec.num_sms, 1) + ctas - 1) / ctas;
   const int64_t wave = 2LL * std::max(exec.num_sms, 1);
   KeySegment clipped[cuda::kMaxSegmentsPerItem];
   for (const QuerySpan& s : keys.spans()) {
@@ -558,6 +578,7 @@ absl::Status RunCudaEngine(const RunArgs& a, const HeadConfig& heads, const Vari
   p.merge_indptr = w->d_merge_indptr;
   p.merge_slots = w->d_merge_slots;
   p.num_merges = w->num_merges;
+  p.decode_kernel = DecodeKernelFromEnv();
   // FlashInfer runs its spans when the variant is plain scaled attention (no scale table, soft cap
   // or entropy) on a float16/bfloat16 cache; its spans' kvplug items are skipped then.
   bool fi_run = false;

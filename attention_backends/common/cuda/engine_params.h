@@ -72,6 +72,10 @@ struct PagedAttentionParams {
   const int32_t* merge_indptr = nullptr;
   const int32_t* merge_slots = nullptr;
   int32_t num_merges = 0;
+  // Decode tile pipeline (KVP_CUDA_DECODE): 0 CTA-wide key tiles, 1 warp-private tiles, 2
+  // warp-private tiles with K and V in separate async groups over one stage, 3 (default) 1 for
+  // 16-bit pages and 2 for fp8 pages.
+  int32_t decode_kernel = 3;
 };
 
 // Launches `items` (all of one tile shape: decode = true for 16-row tiles) of one variant.

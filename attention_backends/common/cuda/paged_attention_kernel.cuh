@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "engine_params.h"
 
@@ -125,14 +126,27 @@ struct Config {
   static_assert(BLOCK_M % (WARPS_M * 16) == 0, "each warp owns whole 16-row atoms");
   static_assert(WARPS_N == 1 || kAtoms == 1, "the split-key merge assumes one atom per warp");
   static_assert(kWarpCols % 16 == 0, "P -> A fragments need 16-key steps");
-  // The cross-warp merge reuses the K/V stages: [WARPS_N][16 * WARPS_M][D] floats plus stats.
-  static_assert(WARPS_N == 1 || WARPS_N * BLOCK_M * (D + 3) * 4 <= kKvRegionBytes,
-                "merge buffer must fit in the K/V stages");
+  // The cross-warp merge reuses the Q tile and the K/V stages: [WARPS_N][16 * WARPS_M][D] floats
+  // plus stats.
+  static_assert(WARPS_N == 1 || WARPS_N * BLOCK_M * (D + 3) * 4 <= kQSmem * (int)sizeof(T) + kKvRegionBytes,
+                "merge buffer must fit in the Q tile and the K/V stages");
 };
 
-template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES, bool FP8, KernelVariant V>
-__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
+// PIPE (decode tiles, WARPS_M == 1):
+//   0: the CTA loads each tile (K and V together) and waits on a CTA barrier.
+//   1: each warp loads, widens and consumes only its own kWarpCols keys of every tile, so a tile
+//      needs a warp barrier, not a CTA barrier: warps drift apart and one warp's late page does not
+//      stall the other three.
+//   2: as 1, with K and V in separate async groups (FlashInfer's order): K of tile i + STAGES is
+//      requested as soon as S(i) is done, V's after P V(i); so with STAGES = 1 a warp needs one
+//      K and one V tile of shared memory and more CTAs fit per SM.
+// MIN_BLOCKS: CTAs per SM the register allocation must allow (__launch_bounds__).
+template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES, bool FP8, KernelVariant V,
+          int PIPE = 0, int MIN_BLOCKS = 1>
+__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, MIN_BLOCKS)
     PagedAttentionKernel(const PagedAttentionParams p) {
+  constexpr bool WARP_PIPE = PIPE >= 1, KV_SPLIT = PIPE == 2;
+  static_assert(!WARP_PIPE || WARPS_M == 1, "warp-private key tiles need every warp to own all rows");
   using Cfg = Config<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, FP8>;
   using Tr = Traits<T>;
   constexpr bool kGeneral = V == KernelVariant::kGeneral;
@@ -234,49 +248,61 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
     return c;
   };
 
-  auto load_kv = [&](int stage, Cursor at) {
+  auto load_kv = [&](int stage, Cursor at, bool do_k = true, bool do_v = true) {
     const int start = at.start;
     const int kv_end = seg_hi[at.seg];
     const int* pages = p.kv_indices + seg_s[at.seg].page_offset;
-    if constexpr (FP8) {
-      uint8_t* k_dst = fp8_stages + stage * 2 * Cfg::kKvSmem;
-      uint8_t* v_dst = k_dst + Cfg::kKvSmem;
-      constexpr int kChunks = D / 16;  // 16 e4m3 values per 16 bytes
-      constexpr int kRowsPerPass = Cfg::kThreads / kChunks;
-      const int c = tid % kChunks;
-      for (int r = tid / kChunks; r < BLOCK_N; r += kRowsPerPass) {
-        const int pos = start + r;
-        const bool valid = pos < kv_end;
-        const int page_index = p.block_shift >= 0 ? pos >> p.block_shift : pos / p.block_size;
-        const int in_page = p.block_shift >= 0 ? pos & (p.block_size - 1) : pos - page_index * p.block_size;
-        const int page = valid ? __ldg(pages + page_index) : 0;
-        const int64_t off = valid ? static_cast<int64_t>(page) * p.pages.stride_block + in_page * p.pages.stride_pos +
-                                        kv_head * p.pages.stride_head + c * 16
-                                  : 0;
-        CpAsync16(k_dst + r * D + c * 16, static_cast<const uint8_t*>(p.pages.k) + off, valid);
-        CpAsync16(v_dst + r * D + c * 16, static_cast<const uint8_t*>(p.pages.v) + off, valid);
+    // Elements of T per 16 bytes: 8, or 16 e4m3 bytes; fp8 stages are plain [row][D] bytes, T
+    // stages swizzled.
+    constexpr int kPerChunk = FP8 ? 16 : 8;
+    constexpr int kChunks = D / kPerChunk;
+    // WARP_PIPE: this warp's kWarpCols rows only; else the CTA's threads cover all rows.
+    constexpr int kLoaders = WARP_PIPE ? 32 : Cfg::kThreads;
+    constexpr int kRows = WARP_PIPE ? Cfg::kWarpCols : BLOCK_N;
+    static_assert((kRows * kChunks) % kLoaders == 0, "loaders cover whole tiles");
+    constexpr int kIters = kRows * kChunks / kLoaders;
+    const int me = WARP_PIPE ? lane : tid, row_base = WARP_PIPE ? warp_n * Cfg::kWarpCols : 0;
+    using Elem = std::conditional_t<FP8, uint8_t, T>;
+    Elem* const k_dst = reinterpret_cast<Elem*>(FP8 ? static_cast<void*>(fp8_stages) : static_cast<void*>(kv_smem)) +
+                        stage * 2 * Cfg::kKvSmem;
+    Elem* const v_dst = k_dst + Cfg::kKvSmem;
+    auto dst_offset = [&](int r, int c) { return FP8 ? r * D + c * 16 : SwizzledOffset<D>(r, c); };
+    const Elem* const k_pages = static_cast<const Elem*>(p.pages.k);
+    const Elem* const v_pages = static_cast<const Elem*>(p.pages.v);
+    // The rows this thread group copies, when they are all valid and on one page (a warp's 16 keys
+    // with pages of 16 or more): one page lookup and one 64-bit address, then constant row steps.
+    const int first_pos = start + row_base, last_pos = first_pos + kRows - 1;
+    const int first_page = p.block_shift >= 0 ? first_pos >> p.block_shift : first_pos / p.block_size;
+    const int last_page = p.block_shift >= 0 ? last_pos >> p.block_shift : last_pos / p.block_size;
+    if (last_pos < kv_end && first_page == last_page) {
+      const int64_t base = static_cast<int64_t>(__ldg(pages + first_page)) * p.pages.stride_block +
+                           (first_pos - first_page * p.block_size) * p.pages.stride_pos + kv_head * p.pages.stride_head;
+#pragma unroll
+      for (int k = 0; k < kIters; ++k) {
+        const int i = me + k * kLoaders;
+        const int r = i / kChunks, c = i % kChunks;
+        const int64_t off = base + r * p.pages.stride_pos + c * kPerChunk;
+        if (do_k) CpAsync16(k_dst + dst_offset(row_base + r, c), k_pages + off, true);
+        if (do_v) CpAsync16(v_dst + dst_offset(row_base + r, c), v_pages + off, true);
       }
       return;
     }
-    T* k_dst = kv_smem + stage * 2 * Cfg::kKvSmem;
-    T* v_dst = k_dst + Cfg::kKvSmem;
-    // Each thread keeps one 16-byte column chunk and walks rows: one page lookup per row.
-    constexpr int kChunks = D / 8;
-    static_assert(Cfg::kThreads % kChunks == 0, "threads cover whole rows");
-    const int c = tid % kChunks;
-    for (int r = tid / kChunks; r < BLOCK_N; r += Cfg::kThreads / kChunks) {
+    // Each row's own page lookup; rows past the segment read as zeros.
+#pragma unroll
+    for (int k = 0; k < kIters; ++k) {
+      const int i = me + k * kLoaders;
+      const int r = row_base + i / kChunks, c = i % kChunks;
       const int pos = start + r;
       const bool valid = pos < kv_end;
       // Power-of-two block sizes (all common ones) index by shift and mask, not division.
       const int page_index = p.block_shift >= 0 ? pos >> p.block_shift : pos / p.block_size;
       const int in_page = p.block_shift >= 0 ? pos & (p.block_size - 1) : pos - page_index * p.block_size;
       const int page = valid ? __ldg(pages + page_index) : 0;
-      const int64_t off = static_cast<int64_t>(page) * p.pages.stride_block + (valid ? in_page : 0) * p.pages.stride_pos +
-                          kv_head * p.pages.stride_head + c * 8;
-      const T* k_src = static_cast<const T*>(p.pages.k) + (valid ? off : 0);
-      const T* v_src = static_cast<const T*>(p.pages.v) + (valid ? off : 0);
-      CpAsync16(k_dst + SwizzledOffset<D>(r, c), k_src, valid);
-      CpAsync16(v_dst + SwizzledOffset<D>(r, c), v_src, valid);
+      const int64_t off = valid ? static_cast<int64_t>(page) * p.pages.stride_block + in_page * p.pages.stride_pos +
+                                      kv_head * p.pages.stride_head + c * kPerChunk
+                                : 0;
+      if (do_k) CpAsync16(k_dst + dst_offset(r, c), k_pages + off, valid);
+      if (do_v) CpAsync16(v_dst + dst_offset(r, c), v_pages + off, valid);
     }
   };
 
@@ -313,49 +339,86 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
   const int warp_first_pos = item.pos_begin + (row0 + warp_row0) / group;
   const int warp_last_pos = item.pos_begin + (min(row0 + warp_row0 + 16 * A, num_rows) - 1) / group;
 
-  // Prologue: STAGES - 1 tiles in flight before the first is used.
+  // Prologue: STAGES - 1 tiles in flight before the first is used (KV_SPLIT: STAGES tiles, K and V
+  // of each in their own groups).
   Cursor compute_at = first_tile(), load_at = compute_at;
+  if constexpr (KV_SPLIT) {
 #pragma unroll
-  for (int st = 0; st < STAGES - 1; ++st) {
-    if (st < num_tiles) {
-      load_kv(st, load_at);
-      load_at = next_tile(load_at);
+    for (int st = 0; st < STAGES; ++st) {
+      if (st < num_tiles) load_kv(st, load_at, true, false);
+      CpAsyncCommit();
+      if (st < num_tiles) {
+        load_kv(st, load_at, false, true);
+        load_at = next_tile(load_at);
+      }
+      CpAsyncCommit();
     }
-    CpAsyncCommit();
+  } else {
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+      if (st < num_tiles) {
+        load_kv(st, load_at);
+        load_at = next_tile(load_at);
+      }
+      CpAsyncCommit();
+    }
   }
+  // fp8: widens this warp's (WARP_PIPE) or the CTA's rows of one stage's K (kv 0) or V (kv 1), or
+  // both (kv -1), into the swizzled T layout the MMA path reads.
+  auto widen = [&](int stage, int which) {
+    const uint8_t* src = fp8_stages + stage * 2 * Cfg::kKvSmem;
+    constexpr int kRows = WARP_PIPE ? Cfg::kWarpCols : BLOCK_N;
+    constexpr int kWideners = WARP_PIPE ? 32 : Cfg::kThreads;
+    const int me = WARP_PIPE ? lane : tid, row_base = WARP_PIPE ? warp_n * Cfg::kWarpCols : 0;
+    const int first = which == 1 ? kRows * (D / 16) : 0, last = which == 0 ? kRows * (D / 16) : 2 * kRows * (D / 16);
+    for (int i = first + me; i < last; i += kWideners) {
+      const int kv = i / (kRows * (D / 16)), rem = i % (kRows * (D / 16));
+      const int r = row_base + rem / (D / 16), c16 = rem % (D / 16);
+      const uint4 bytes = *reinterpret_cast<const uint4*>(src + kv * Cfg::kKvSmem + r * D + c16 * 16);
+      const uint16_t* pairs = reinterpret_cast<const uint16_t*>(&bytes);
+      uint4 lo, hi;
+      lo.x = Tr::FromFp8x2(pairs[0]); lo.y = Tr::FromFp8x2(pairs[1]);
+      lo.z = Tr::FromFp8x2(pairs[2]); lo.w = Tr::FromFp8x2(pairs[3]);
+      hi.x = Tr::FromFp8x2(pairs[4]); hi.y = Tr::FromFp8x2(pairs[5]);
+      hi.z = Tr::FromFp8x2(pairs[6]); hi.w = Tr::FromFp8x2(pairs[7]);
+      T* dst = widened + kv * Cfg::kKvSmem;
+      *reinterpret_cast<uint4*>(dst + SwizzledOffset<D>(r, 2 * c16)) = lo;
+      *reinterpret_cast<uint4*>(dst + SwizzledOffset<D>(r, 2 * c16 + 1)) = hi;
+    }
+  };
 
   for (int it = 0; it < num_tiles; ++it) {
     const int stage = it % STAGES;
     const int seg = compute_at.seg, start = compute_at.start;
     compute_at = next_tile(compute_at);
-    const int ahead = it + STAGES - 1;
-    if (ahead < num_tiles) {
-      load_kv(ahead % STAGES, load_at);
-      load_at = next_tile(load_at);
+    const int ahead = KV_SPLIT ? it + STAGES : it + STAGES - 1;
+    if constexpr (KV_SPLIT) {
+      // Pending after K(it): V(it), then K and V of the STAGES - 1 tiles after it.
+      CpAsyncWait<2 * STAGES - 1>();
+    } else {
+      if (ahead < num_tiles) {
+        load_kv(ahead % STAGES, load_at);
+        load_at = next_tile(load_at);
+      }
+      CpAsyncCommit();
+      CpAsyncWait<STAGES - 1>();  // Q and this tile have landed; later ones may still fly
     }
-    CpAsyncCommit();
-    CpAsyncWait<STAGES - 1>();  // Q and this tile have landed; later ones may still fly
-    __syncthreads();
+    // Q is loaded by the whole CTA: the first tile needs a CTA barrier, later warp-private tiles a
+    // warp barrier.
+    if (WARP_PIPE && it > 0) {
+      __syncwarp();
+    } else {
+      __syncthreads();
+    }
     const T* k_s = kv_smem + stage * 2 * Cfg::kKvSmem;
     const T* v_s = k_s + Cfg::kKvSmem;
     if constexpr (FP8) {
-      // Widen this tile's e4m3 bytes into the swizzled T layout the MMA path reads.
-      const uint8_t* src = fp8_stages + stage * 2 * Cfg::kKvSmem;
-      for (int i = tid; i < 2 * BLOCK_N * (D / 16); i += Cfg::kThreads) {
-        const int kv = i / (BLOCK_N * (D / 16)), rem = i % (BLOCK_N * (D / 16));
-        const int r = rem / (D / 16), c16 = rem % (D / 16);
-        const uint4 bytes = *reinterpret_cast<const uint4*>(src + kv * Cfg::kKvSmem + r * D + c16 * 16);
-        const uint16_t* pairs = reinterpret_cast<const uint16_t*>(&bytes);
-        uint4 lo, hi;
-        lo.x = Tr::FromFp8x2(pairs[0]); lo.y = Tr::FromFp8x2(pairs[1]);
-        lo.z = Tr::FromFp8x2(pairs[2]); lo.w = Tr::FromFp8x2(pairs[3]);
-        hi.x = Tr::FromFp8x2(pairs[4]); hi.y = Tr::FromFp8x2(pairs[5]);
-        hi.z = Tr::FromFp8x2(pairs[6]); hi.w = Tr::FromFp8x2(pairs[7]);
-        T* dst = widened + kv * Cfg::kKvSmem;
-        *reinterpret_cast<uint4*>(dst + SwizzledOffset<D>(r, 2 * c16)) = lo;
-        *reinterpret_cast<uint4*>(dst + SwizzledOffset<D>(r, 2 * c16 + 1)) = hi;
+      widen(stage, KV_SPLIT ? 0 : -1);
+      if constexpr (WARP_PIPE) {
+        __syncwarp();
+      } else {
+        __syncthreads();
       }
-      __syncthreads();
       k_s = widened;
       v_s = widened + Cfg::kKvSmem;
     }
@@ -385,6 +448,13 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
           Tr::Mma(s[a][j + 1], qa[a], b + 2);
         }
       }
+    }
+
+    if constexpr (KV_SPLIT) {
+      // This warp has read its K rows of the stage: request K of the tile STAGES ahead.
+      __syncwarp();
+      if (ahead < num_tiles) load_kv(ahead % STAGES, load_at, true, false);
+      CpAsyncCommit();
     }
 
     // Mask and online softmax (log2 domain). Masks are only needed on tiles that touch a segment's
@@ -468,12 +538,26 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
             row_sum[a][h] += w;
           }
       }
+      // Once the running maxima settle, most tiles leave every correction at exactly 1: skip the
+      // O rescale then (warp-uniform; multiplying by 1 would change nothing).
+      if (__any_sync(0xffffffff, correction[0] != 1.f || correction[1] != 1.f)) {
 #pragma unroll
-      for (int i = 0; i < Cfg::kDTiles; ++i) {
-        o_acc[a][i][0] *= correction[0];
-        o_acc[a][i][1] *= correction[0];
-        o_acc[a][i][2] *= correction[1];
-        o_acc[a][i][3] *= correction[1];
+        for (int i = 0; i < Cfg::kDTiles; ++i) {
+          o_acc[a][i][0] *= correction[0];
+          o_acc[a][i][1] *= correction[0];
+          o_acc[a][i][2] *= correction[1];
+          o_acc[a][i][3] *= correction[1];
+        }
+      }
+    }
+
+    if constexpr (KV_SPLIT) {
+      // Pending after V(it): K and V of the STAGES - 1 tiles after it, and K(it + STAGES).
+      CpAsyncWait<2 * STAGES - 1>();
+      __syncwarp();
+      if constexpr (FP8) {
+        widen(stage, 1);
+        __syncwarp();
       }
     }
 
@@ -503,7 +587,19 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
         }
       }
     }
-    __syncthreads();  // this stage is refilled by a later iteration's load
+    // This stage is refilled by a later iteration's load (WARP_PIPE: by this warp only).
+    if constexpr (WARP_PIPE) {
+      __syncwarp();
+    } else {
+      __syncthreads();
+    }
+    if constexpr (KV_SPLIT) {
+      if (ahead < num_tiles) {
+        load_kv(ahead % STAGES, load_at, false, true);
+        load_at = next_tile(load_at);
+      }
+      CpAsyncCommit();
+    }
   }
   CpAsyncWait<0>();
 
@@ -521,9 +617,10 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
     }
 
   if constexpr (WARPS_N > 1) {
-    // Merge the WARPS_N partial results of each row through shared memory (the K/V stages are free).
+    // Merge the WARPS_N partial results of each row through shared memory (Q and the K/V stages are
+    // free).
     __syncthreads();
-    float* merge_o = reinterpret_cast<float*>(kv_smem);  // [WARPS_N][BLOCK_M][D]
+    float* merge_o = reinterpret_cast<float*>(smem_raw);  // [WARPS_N][BLOCK_M][D]
     float* merge_m = merge_o + WARPS_N * BLOCK_M * D;    // [WARPS_N][BLOCK_M]
     float* merge_l = merge_m + WARPS_N * BLOCK_M;
     float* merge_u = merge_l + WARPS_N * BLOCK_M;
@@ -612,10 +709,11 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
     }
 }
 
-template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES, bool FP8, KernelVariant V>
+template <typename T, int D, int BLOCK_M, int BLOCK_N, int WARPS_M, int WARPS_N, int STAGES, bool FP8, KernelVariant V,
+          int PIPE = 0, int MIN_BLOCKS = 1>
 cudaError_t LaunchKernel(const PagedAttentionParams& p, cudaStream_t stream) {
   using Cfg = Config<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, FP8>;
-  auto kernel = PagedAttentionKernel<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, FP8, V>;
+  auto kernel = PagedAttentionKernel<T, D, BLOCK_M, BLOCK_N, WARPS_M, WARPS_N, STAGES, FP8, V, PIPE, MIN_BLOCKS>;
   const int smem = Cfg::kSmemBytes;
   // The segment table is static shared memory on top of this: opt in whenever the sum can pass 48 KiB.
   if (smem > 40 * 1024) {
@@ -639,7 +737,27 @@ cudaError_t LaunchShape(const PagedAttentionParams& p, bool decode, cudaStream_t
   // Few rows per KV head (decode, short chunks): one 16-row tile, 4 warps split the keys. Three
   // stages of 64 keys: more bytes in flight per CTA (measured on H100: +2% on average over two
   // stages, +8% at 1 x 128k; 32-key tiles with four stages were slower).
-  if (decode) return LaunchFp8OrNot<T, D, 16, 64, 1, 4, 3, V>(p, stream);
+  if (decode) {
+    switch (p.decode_kernel) {
+      case 0:
+        return LaunchFp8OrNot<T, D, 16, 64, 1, 4, 3, V>(p, stream);
+      case 1:
+        // Warp-private tiles; fp8 stages hold half the bytes, so one more stage keeps as many bytes
+        // in flight as bf16's three.
+        if (p.kv_fp8) return LaunchKernel<T, D, 16, 64, 1, 4, 4, true, V, 1>(p, stream);
+        return LaunchKernel<T, D, 16, 64, 1, 4, 3, false, V, 1>(p, stream);
+      case 2:
+        // K and V in separate groups over one stage: a third of the shared memory, 4 CTAs per SM.
+        if (p.kv_fp8) return LaunchKernel<T, D, 16, 64, 1, 4, 1, true, V, 2, 4>(p, stream);
+        return LaunchKernel<T, D, 16, 64, 1, 4, 1, false, V, 2, 4>(p, stream);
+      default:
+        // The measured best of each (H200, bench/RESULTS.md): bf16 / f16 pages on warp-private
+        // three-stage tiles, fp8 pages on the split K/V groups (their widening pass hides better
+        // behind twice the CTAs per SM: 1.02-1.18x the three-stage fp8 kernel's tokens/s).
+        if (p.kv_fp8) return LaunchKernel<T, D, 16, 64, 1, 4, 1, true, V, 2, 4>(p, stream);
+        return LaunchKernel<T, D, 16, 64, 1, 4, 3, false, V, 1>(p, stream);
+    }
+  }
   // Prefill: 4 warps of 32 rows (two MMA atoms share each K/V fragment, halving shared-memory
   // traffic per FLOP); d256 keeps one atom per warp to stay within the register file.
   if constexpr (D == 256) {
