@@ -61,8 +61,8 @@ if [ "$what" = prefill ]; then
 fi
 if [ "$what" = decode ]; then
   # Issue 18's decode part: the dense, variant, kv_shift and attamba GPU tests (decode on the
-  # default warp-private tiles), gpu_bench.py --only decode --decode-ab $DECODE_AB (default: the
-  # CTA-wide tiles and kv1 beside the default, bf16 and fp8, beside SDPA flash and cuDNN),
+  # default warp-private tiles), gpu_bench.py --only decode (bf16 and fp8 pages beside SDPA flash and
+  # cuDNN; DECODE_AB=cta,warp,kv1 also times those pipelines, in a -DKVP_CUDA_DECODE_AB=ON build),
   # FlashInfer's decode kernels when STAGE/fipeer holds the peer build, Nsight Compute on the decode
   # kernel (NCU_SHAPES x NCU_KERNELS, bf16 and fp8), then compute-sanitizer (SANITIZERS) over the
   # decode tests. $OUT returns at most 8 files: logs are concatenated.
@@ -74,7 +74,7 @@ if [ "$what" = decode ]; then
     grep -E "^\[  (PASSED|FAILED|SKIPPED)|Failure" /tmp/$t.log | tail -12; echo "$t rc=$r"
   done
   echo "== decode A/B"
-  timeout 240 python3 bench/gpu_bench.py --lib "$KVP_LIBRARY" --out "$out" --only decode --decode-ab "${DECODE_AB:-cta,kv1}" \
+  timeout 240 python3 bench/gpu_bench.py --lib "$KVP_LIBRARY" --out "$out" --only decode --decode-ab "${DECODE_AB:-}" \
     ${DECODE_SHAPES:+--decode-shapes $DECODE_SHAPES} 2>&1 | grep -vE "^\s*$" | tail -24
   # DECODE_CTAS_PER_SM="8 16": the split rule's grid target, each its own run (default 4 above).
   for cps in ${DECODE_CTAS_PER_SM:-}; do
@@ -90,11 +90,11 @@ if [ "$what" = decode ]; then
     echo "== Nsight Compute (decode kernel)"
     : > "$out/ncu_decode.txt"
     for shape in ${NCU_SHAPES:-64x4096 16x32768}; do
-      for kern in ${NCU_KERNELS:-warp}; do
+      for kern in ${NCU_KERNELS:-default}; do
         # launches: 10 warm-up + 60 timed bf16 runs, then the fp8 cache's: skip 20 -> bf16, 90 -> fp8.
         for skip in 20 90; do
           echo "#### $shape KVP_CUDA_DECODE=$kern launch-skip $skip ($([ $skip = 20 ] && echo bf16 || echo fp8))" >> "$out/ncu_decode.txt"
-          KVP_CUDA_DECODE=$kern timeout 90 ncu -k regex:PagedAttention --launch-skip $skip --launch-count 1 \
+          env $([ $kern = default ] || echo KVP_CUDA_DECODE=$kern) timeout 90 ncu -k regex:PagedAttention --launch-skip $skip --launch-count 1 \
             --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
             --section MemoryWorkloadAnalysis --section SchedulerStats \
             python3 bench/gpu_bench.py --lib "$KVP_LIBRARY" --out /tmp/ncu_scratch --only decode \

@@ -42,7 +42,9 @@ PrefillMode PrefillModeFromEnv() {
 
 // KVP_CUDA_DECODE forces one decode tile pipeline (A/B runs): "cta" CTA-wide key tiles (the earlier
 // kernel), "warp" warp-private tiles, "kv1" warp-private tiles with K and V in separate async
-// groups over one stage; unset: warp for 16-bit pages, kv1 for fp8 pages (the measured best).
+// groups over one stage; unset: warp for 16-bit pages, kv1 for fp8 pages (the measured best). The
+// forced ones exist only in builds with -DKVP_CUDA_DECODE_AB=ON; elsewhere a launch fails with
+// "operation not supported".
 int32_t DecodeKernelFromEnv() {
   const char* e = std::getenv("KVP_CUDA_DECODE");
   if (!e) return 3;

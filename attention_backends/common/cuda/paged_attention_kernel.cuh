@@ -738,6 +738,12 @@ cudaError_t LaunchShape(const PagedAttentionParams& p, bool decode, cudaStream_t
   // stages of 64 keys: more bytes in flight per CTA (measured on H100: +2% on average over two
   // stages, +8% at 1 x 128k; 32-key tiles with four stages were slower).
   if (decode) {
+#ifndef KVP_CUDA_DECODE_AB
+    // Only the default pipelines are built (CMake KVP_CUDA_DECODE_AB=ON adds the others).
+    if (p.decode_kernel != 3) return cudaErrorNotSupported;
+    if (p.kv_fp8) return LaunchKernel<T, D, 16, 64, 1, 4, 1, true, V, 2, 4>(p, stream);
+    return LaunchKernel<T, D, 16, 64, 1, 4, 3, false, V, 1>(p, stream);
+#else
     switch (p.decode_kernel) {
       case 0:
         return LaunchFp8OrNot<T, D, 16, 64, 1, 4, 3, V>(p, stream);
@@ -757,6 +763,7 @@ cudaError_t LaunchShape(const PagedAttentionParams& p, bool decode, cudaStream_t
         if (p.kv_fp8) return LaunchKernel<T, D, 16, 64, 1, 4, 1, true, V, 2, 4>(p, stream);
         return LaunchKernel<T, D, 16, 64, 1, 4, 3, false, V, 1>(p, stream);
     }
+#endif
   }
   // Prefill: 4 warps of 32 rows (two MMA atoms share each K/V fragment, halving shared-memory
   // traffic per FLOP); d256 keeps one atom per warp to stay within the register file.
