@@ -317,6 +317,43 @@ def bench_prefill(lib, B, L, hq=32, hkv=8, d=128, bs=16):
     return row
 
 
+def bench_mixed(lib, n_dec=64, L_dec=4096, n_pre=2, chunk=2048, prefix=2048, hq=32, hkv=8, d=128, bs=16):
+    """One step of n_dec decodes (at L_dec keys) and n_pre prefill chunks of `chunk` tokens after a
+    `prefix`-token prefix (what chunked prefill produces), against the same two kinds as two steps."""
+    L_pre = prefix + chunk
+    lens = [L_dec] * n_dec + [L_pre] * n_pre
+    q_lens = [1] * n_dec + [chunk] * n_pre
+    blocks = [(n + bs - 1) // bs for n in lens]
+    num_blocks = sum(blocks)
+    kp = Kvplug(lib, hq, hkv, d, bs, num_blocks, n_dec + n_pre, sum(q_lens), num_blocks)
+    perm = torch.randperm(num_blocks, dtype=torch.int32)
+    tables, at = [], 0
+    for b in blocks:
+        tables.append(perm[at:at + b])
+        at += b
+    q = torch.randn(sum(q_lens), hq, d, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    kp.plan_batch(q_lens, lens, tables)
+    t_mixed = median_ms(lambda: kp.run(q, out), iters=30, warmup=5)
+    mixed = out.clone()
+    qd, qp = q[:n_dec].contiguous(), q[n_dec:].contiguous()
+    od, op = torch.empty_like(qd), torch.empty_like(qp)
+    kp.plan_batch(q_lens[:n_dec], lens[:n_dec], tables[:n_dec])
+    t_dec = median_ms(lambda: kp.run(qd, od), iters=30, warmup=5)
+    kp.plan_batch(q_lens[n_dec:], lens[n_dec:], tables[n_dec:])
+    t_pre = median_ms(lambda: kp.run(qp, op), iters=30, warmup=5)
+    err = max((mixed[:n_dec].float() - od.float()).abs().max().item(), (mixed[n_dec:].float() - op.float()).abs().max().item())
+    kp.close()
+    row = {"n_dec": n_dec, "L_dec": L_dec, "n_pre": n_pre, "chunk": chunk, "prefix": prefix, "mixed_ms": t_mixed,
+           "decode_ms": t_dec, "prefill_ms": t_pre, "separate_ms": t_dec + t_pre,
+           "mixed_vs_separate": (t_dec + t_pre) / t_mixed, "max_abs_mixed_vs_separate": err}
+    print(f"mixed step: {n_dec} decodes x {L_dec} + {n_pre} chunks of {chunk} after {prefix}: one step {t_mixed:.3f} ms, "
+          f"separately {t_dec:.3f} + {t_pre:.3f} = {t_dec + t_pre:.3f} ms ({row['mixed_vs_separate']:.2f}x), "
+          f"max abs {err:.1e}", flush=True)
+    torch.cuda.empty_cache()
+    return row
+
+
 def copy_bandwidth():
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -336,6 +373,7 @@ def main():
     ap.add_argument("--decode-ab", default="",
                     help="comma-separated KVP_CUDA_DECODE kernels (cta, warp, kv1, kv2) also timed in the same run")
     ap.add_argument("--decode-shapes", help="comma-separated BxL decode shapes (default: the four)")
+    ap.add_argument("--mixed", action="store_true", help="also time a mixed step (decodes + prefill chunks)")
     ap.add_argument("--prefill-heads", default="128", help="comma-separated head sizes of the prefill sweep")
     ap.add_argument("--prefill-shapes", help="comma-separated BxL prefill shapes (default: the four)")
     ap.add_argument("--prefill-block-sizes", default="16", help="comma-separated page sizes of the prefill sweep")
@@ -362,7 +400,9 @@ def main():
         prefill_shapes = [tuple(int(x) for x in s.split("x")) for s in args.prefill_shapes.split(",")]
     prefill = [bench_prefill(lib, B, L, d=int(d), bs=int(bs)) for d in args.prefill_heads.split(",")
                for bs in args.prefill_block_sizes.split(",") for B, L in prefill_shapes] if args.only != "decode" else []
-    result = {"device": dev, "torch": torch.__version__, "copy_TBps": copy_tbps, "decode": decode, "prefill": prefill}
+    mixed = [bench_mixed(lib, n_dec=nd, n_pre=npf) for nd, npf in ((64, 2), (16, 1))] if args.mixed else []
+    result = {"device": dev, "torch": torch.__version__, "copy_TBps": copy_tbps, "decode": decode, "prefill": prefill,
+              "mixed": mixed}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
         json.dump(result, f, indent=1)

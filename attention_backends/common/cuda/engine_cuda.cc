@@ -62,6 +62,12 @@ int64_t DecodeCtasPerSm() {
   return v >= 1 && v <= 64 ? v : 4;
 }
 
+// KVP_CUDA_DECODE_WAVEFILL=0 keeps the plain split count (A/B runs); default: fill whole waves.
+bool DecodeWaveFill() {
+  const char* e = std::getenv("KVP_CUDA_DECODE_WAVEFILL");
+  return !(e && std::string_view(e) == "0");
+}
+
 using cuda::WorkItem;
 
 constexpr int64_t kPartialSlots = 2048;  // token rows of split partials the workspace holds
@@ -297,8 +303,24 @@ absl::Status PlanCudaEngineWork(const BatchPlan& plan, const KeySets& keys, cons
   // kMinKeysPerSplitUnderWave keys, up to one wave (512 left a 2k-key set on 32 CTAs of 132 SMs;
   // on the H200, 128 everywhere, or up to a wave from 256 CTAs, made batch 8 slower: 4 -> 9 or 5
   // splits of a 2k-key set, 31 -> 41 us).
-  const int64_t base_splits = (DecodeCtasPerSm() * std::max(exec.num_sms, 1) + ctas - 1) / ctas;
+  int64_t base_splits = (DecodeCtasPerSm() * std::max(exec.num_sms, 1) + ctas - 1) / ctas;
   const int64_t wave = 2LL * std::max(exec.num_sms, 1);
+  if (DecodeWaveFill() && ctas * base_splits > wave) {
+    // Whole waves: of base_splits / 2 .. base_splits, the split count whose grid leaves the least of
+    // its last wave idle (ties: more splits). 16 x 32k: 5 splits are 640 CTAs, 2.4 waves of 264;
+    // 4 splits fill 2 waves.
+    int64_t best = base_splits;
+    double best_fill = 0;
+    for (int64_t sp = base_splits; sp >= std::max<int64_t>(1, base_splits / 2); --sp) {
+      const int64_t grid = ctas * sp;
+      const double fill = static_cast<double>(grid) / static_cast<double>((grid + wave - 1) / wave * wave);
+      if (fill > best_fill + 1e-9) {
+        best_fill = fill;
+        best = sp;
+      }
+    }
+    base_splits = best;
+  }
   KeySegment clipped[cuda::kMaxSegmentsPerItem];
   for (const QuerySpan& s : keys.spans()) {
     const int32_t ntok = s.token_end - s.token_begin;
