@@ -42,17 +42,18 @@ PrefillMode PrefillModeFromEnv() {
 
 // KVP_CUDA_DECODE forces one decode tile pipeline (A/B runs): "cta" CTA-wide key tiles (the earlier
 // kernel), "warp" warp-private tiles, "kv1" warp-private tiles with K and V in separate async
-// groups over one stage; unset: warp for 16-bit pages, kv1 for fp8 pages (the measured best). The
-// forced ones exist only in builds with -DKVP_CUDA_DECODE_AB=ON; elsewhere a launch fails with
-// "operation not supported".
+// groups over one stage; unset: warp for 16-bit pages, kv1 for fp8 pages (the measured best). Read
+// when a plan is made (not per step); the forced ones exist only in builds with
+// -DKVP_CUDA_DECODE_AB=ON, elsewhere planning fails.
+constexpr int32_t kDecodeDefault = 3;
 int32_t DecodeKernelFromEnv() {
   const char* e = std::getenv("KVP_CUDA_DECODE");
-  if (!e) return 3;
+  if (!e) return kDecodeDefault;
   const std::string_view v(e);
   if (v == "cta") return 0;
   if (v == "warp") return 1;
   if (v == "kv1") return 2;
-  return 3;
+  return kDecodeDefault;
 }
 
 // KVP_CUDA_DECODE_CTAS_PER_SM: the decode grid the split rule aims at (default 4; A/B runs).
@@ -107,6 +108,7 @@ class CudaEngineWork final : public EngineWork {
   int32_t num_decode = 0, num_prefill = 0, num_segments = 0, num_merges = 0, num_merge_slots = 0;
   int32_t slots_used = 0;
   int32_t decode_round = 0;  // decode items per split round when every decode span has as many splits
+  int32_t decode_kernel = kDecodeDefault;  // PagedAttentionParams::decode_kernel, from the plan's env
   bool has_pos_map = false;
   const WorkItem* d_items = nullptr;
   const KeySegment* d_segments = nullptr;
@@ -270,6 +272,13 @@ absl::StatusOr<std::unique_ptr<EngineWork>> CreateCudaEngineWork(const KeySetBou
 absl::Status PlanCudaEngineWork(const BatchPlan& plan, const KeySets& keys, const HeadConfig& heads,
                                 const ExecContext& exec, EngineWork* engine_work) {
   auto& w = *static_cast<CudaEngineWork*>(engine_work);
+  w.decode_kernel = DecodeKernelFromEnv();
+#ifndef KVP_CUDA_DECODE_AB
+  if (w.decode_kernel != kDecodeDefault)
+    return absl::FailedPreconditionError(fmt::format(
+        "CUDA engine: KVP_CUDA_DECODE={}, but this build has only the default decode pipelines "
+        "(configure with -DKVP_CUDA_DECODE_AB=ON)", std::getenv("KVP_CUDA_DECODE")));
+#endif
   const int32_t group = heads.num_q_heads / heads.num_kv_heads;
   const int32_t prefill_rows = cuda::PrefillTileRows(heads.head_size);
   const int64_t slot_cap =
@@ -602,7 +611,7 @@ absl::Status RunCudaEngine(const RunArgs& a, const HeadConfig& heads, const Vari
   p.merge_indptr = w->d_merge_indptr;
   p.merge_slots = w->d_merge_slots;
   p.num_merges = w->num_merges;
-  p.decode_kernel = DecodeKernelFromEnv();
+  p.decode_kernel = w->decode_kernel;
   // FlashInfer runs its spans when the variant is plain scaled attention (no scale table, soft cap
   // or entropy) on a float16/bfloat16 cache; its spans' kvplug items are skipped then.
   bool fi_run = false;
